@@ -1,0 +1,54 @@
+"""The `topk` command line: one argparse tree, each layer adds its own subcommands.
+
+Each module listed in SUBCOMMAND_MODULES exposes `register(subparsers)`; heavy imports (torch,
+ray, fastapi) happen inside the command handlers, never here, so `topk --help` stays fast.
+A handler returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMAND_MODULES = (
+    "jobs.data.cli",  # topk shards build|inspect
+    "jobs.spec.cli",  # topk validate
+    "jobs.cli",  # topk train|sweep (local runs on Ray)
+    "service.client_cli",  # topk serve|submit|status|logs|cancel|token|demo
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="topk",
+        description="Train image classifiers with stochastic top-K losses on Ray.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:  # a real missing dependency, not an absent module
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
