@@ -1,0 +1,316 @@
+"""The reconciler: the one loop that moves jobs between the database and Ray.
+
+Each pass:
+1. follows launching/running jobs: Ray status -> our status, result.json for the outcome,
+   infrastructure failures retried with backoff (a new attempt resumes from the run's
+   checkpoints, since the run name is the job id), vanished jobs failed with a reason;
+2. launches queued jobs that fit the cluster, in submission order;
+3. makes sure cancelled jobs are stopped on Ray.
+
+Never launching twice rests on two facts: a job moves queued -> launching (a compare-and-set,
+with the attempt's submission id) BEFORE anything is submitted, and submission ids are
+deterministic (`<job id>-<attempt>`). So after a crash, a `launching` job is looked up on Ray by
+its submission id and adopted if it exists, submitted if it does not; Ray refuses a second
+submission with the same id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from service import run_storage
+from service.db import (
+    CANCELLED,
+    FAILED,
+    LAUNCHING,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobRow,
+    Store,
+)
+from service.launcher import LaunchError, RayJobInfo, build_entrypoint, submission_id_for
+from service.settings import Settings
+
+log = logging.getLogger("topk.reconciler")
+
+RECENTLY_CANCELLED_S = 600.0
+
+
+def crash_point(settings: Settings, step: str) -> None:
+    """Test hook: TOPK_TEST_CRASH_AT=<step> kills the process (like kill -9) at that step."""
+    if settings.test_crash_at == step:
+        os._exit(137)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: Store,
+        launcher,
+        settings: Settings,
+        *,
+        on_launch: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.store = store
+        self.launcher = launcher
+        self.settings = settings
+        self.on_launch = on_launch or (lambda: None)
+        self.clock = clock
+        self.last_pass_at: float | None = None
+        self.last_error: str | None = None
+        self._submit_failures: dict[str, int] = {}
+        self._confirmed_stopped: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="topk-reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Run a pass now (e.g. a job was just submitted)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.reconcile_once()
+                self.last_error = None
+            except Exception as exc:  # keep the loop alive; the error shows in /readyz
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("reconciler pass failed")
+            self._wake.wait(self.settings.reconcile_interval_s)
+            self._wake.clear()
+
+    def lag_seconds(self) -> float | None:
+        return None if self.last_pass_at is None else self.clock() - self.last_pass_at
+
+    def reconcile_once(self) -> None:
+        if self.launcher is None:  # hold mode: accept and record, launch nothing
+            self.last_pass_at = self.clock()
+            return
+        for job in self.store.list_jobs(
+            statuses=(LAUNCHING, RUNNING), oldest_first=True, limit=10_000
+        ):
+            self._follow(job)
+        self._launch_queued()
+        self._stop_cancelled()
+        self.last_pass_at = self.clock()
+
+    # -- following ----------------------------------------------------------------------------
+
+    def _follow(self, job: JobRow) -> None:
+        assert job.submission_id is not None
+        try:
+            info = self.launcher.info(job.submission_id)
+        except LaunchError as exc:
+            self.store.touch(job.id, f"Ray unreachable, will retry: {exc}")
+            return
+        if info is None:
+            if job.status == LAUNCHING:
+                # Recorded but never submitted (or the submission was lost): submit it now.
+                self._submit(job)
+            else:
+                self._retry_or_fail(
+                    job,
+                    f"Ray job {job.submission_id} vanished (was the cluster restarted?)",
+                    retry=False,
+                )
+            return
+        if info.status == "PENDING":
+            if job.status == LAUNCHING:
+                self.store.touch(job.id, f"Ray job {info.submission_id} is pending")
+            return
+        if info.status == "RUNNING":
+            if job.status == LAUNCHING:
+                self.store.transition(
+                    job.id, RUNNING, f"Ray job {info.submission_id} is running", expect=LAUNCHING
+                )
+            return
+        self._finish(job, info)
+
+    def _finish(self, job: JobRow, info: RayJobInfo) -> None:
+        result = run_storage.read_json(job.storage_root, job.id, "result.json")
+        if info.status == "SUCCEEDED":
+            if result is not None and result.get("status") == "failed":
+                reason = f"training failed: {result.get('error') or 'see the logs'}"
+                self.store.transition(job.id, FAILED, reason, expect=(LAUNCHING, RUNNING))
+            else:
+                self.store.transition(job.id, SUCCEEDED, "finished", expect=(LAUNCHING, RUNNING))
+            return
+        if info.status == "STOPPED":
+            self.store.transition(
+                job.id,
+                CANCELLED,
+                "stopped on Ray (outside the service)",
+                expect=(LAUNCHING, RUNNING),
+            )
+            return
+        # FAILED: the job's own failure when the runtime recorded one, infrastructure otherwise.
+        if result is not None and result.get("status") == "failed":
+            reason = f"training failed: {result.get('error') or 'see the logs'}"
+            self.store.transition(job.id, FAILED, reason, expect=(LAUNCHING, RUNNING))
+            return
+        detail = _summary(info)
+        self._retry_or_fail(job, f"attempt {job.attempt} failed: {detail}", retry=True)
+
+    def _retry_or_fail(self, job: JobRow, reason: str, *, retry: bool) -> None:
+        if retry and job.attempt < self.settings.max_attempts:
+            delay = self.settings.retry_backoff_s * 2 ** (job.attempt - 1)
+            self.store.transition(
+                job.id,
+                QUEUED,
+                f"{reason}; retrying in {delay:.0f}s (attempt {job.attempt + 1} of "
+                f"{self.settings.max_attempts}, resuming from the last checkpoint)",
+                expect=job.status,
+                not_before=self.clock() + delay,
+            )
+            return
+        if retry:
+            reason = f"{reason}; gave up after {job.attempt} attempts"
+        self.store.transition(job.id, FAILED, reason, expect=job.status)
+
+    # -- launching ----------------------------------------------------------------------------
+
+    def _launch_queued(self) -> None:
+        queued = self.store.list_jobs(statuses=(QUEUED,), oldest_first=True, limit=10_000)
+        if not queued:
+            return
+        try:
+            capacity = self.launcher.capacity()
+        except LaunchError as exc:
+            for job in queued:
+                self.store.touch(job.id, f"waiting: Ray unreachable ({exc})")
+            return
+        used_cpus = used_gpus = 0.0
+        for job in self.store.list_jobs(statuses=(LAUNCHING, RUNNING), limit=10_000):
+            used_cpus += job.requested_cpus
+            used_gpus += job.requested_gpus
+        now = self.clock()
+        blocked = False
+        for position, job in enumerate(queued, start=1):
+            if job.requested_cpus > capacity["CPU"] or job.requested_gpus > capacity["GPU"]:
+                # Larger than the whole cluster: it must not block the queue behind it.
+                self.store.touch(
+                    job.id,
+                    f"waiting for the cluster to grow: needs {job.requested_cpus:g} CPU / "
+                    f"{job.requested_gpus:g} GPU, the cluster has {capacity['CPU']:g} CPU / "
+                    f"{capacity['GPU']:g} GPU",
+                )
+                continue
+            if job.not_before is not None and job.not_before > now:
+                continue
+            fits = (
+                used_cpus + job.requested_cpus <= capacity["CPU"] + 1e-9
+                and used_gpus + job.requested_gpus <= capacity["GPU"] + 1e-9
+            )
+            if blocked or not fits:
+                blocked = True  # submission order: nothing overtakes a job that waits
+                self.store.touch(job.id, f"waiting for resources (queue position {position})")
+                continue
+            if self._launch(job):
+                used_cpus += job.requested_cpus
+                used_gpus += job.requested_gpus
+
+    def _launch(self, job: JobRow) -> bool:
+        """queued -> launching (recorded first), then submit. False if another actor won."""
+        attempt = job.attempt + 1
+        run_storage.write_spec(job.storage_root, job.id, job.spec)
+        crash_point(self.settings, "after_spec_write")
+        launching = self.store.transition(
+            job.id,
+            LAUNCHING,
+            f"launching attempt {attempt}",
+            expect=QUEUED,
+            attempt=attempt,
+            submission_id=submission_id_for(job.id, attempt),
+            not_before=None,
+        )
+        if launching is None:
+            return False
+        crash_point(self.settings, "after_launching_recorded")
+        self._submit(launching)
+        return True
+
+    def _submit(self, job: JobRow) -> None:
+        assert job.submission_id is not None
+        entrypoint = build_entrypoint(
+            python=self.settings.job_python,
+            kind=job.kind,
+            spec_url=run_storage.run_url(job.storage_root, job.id, "spec.json"),
+            run_name=job.id,
+            storage_root=job.storage_root,
+        )
+        try:
+            self.launcher.submit(job.submission_id, entrypoint)
+        except LaunchError as exc:
+            failures = self._submit_failures.get(job.id, 0) + 1
+            self._submit_failures[job.id] = failures
+            if failures >= self.settings.max_attempts:
+                self.store.transition(
+                    job.id,
+                    FAILED,
+                    f"Ray refused the submission {failures} times: {exc}",
+                    expect=LAUNCHING,
+                )
+                self._submit_failures.pop(job.id, None)
+            else:
+                self.store.touch(job.id, f"submission failed, will retry: {exc}")
+            return
+        self._submit_failures.pop(job.id, None)
+        self.on_launch()
+        crash_point(self.settings, "after_submit")
+        current = self.store.get_job(job.id)
+        if current is not None and current.status == CANCELLED:
+            # Cancelled while we were submitting: the cancel may have found nothing to stop.
+            self._stop_quietly(job.submission_id)
+        else:
+            self.store.touch(job.id, f"submitted to Ray as {job.submission_id}")
+
+    # -- cancellation -------------------------------------------------------------------------
+
+    def _stop_cancelled(self) -> None:
+        cutoff = self.clock() - RECENTLY_CANCELLED_S
+        for job in self.store.list_jobs(statuses=(CANCELLED,), limit=200):
+            if job.submission_id is None or (job.finished_at or 0) < cutoff:
+                continue
+            if job.submission_id in self._confirmed_stopped:
+                continue
+            try:
+                info = self.launcher.info(job.submission_id)
+            except LaunchError:
+                return
+            if info is None or info.is_terminal:
+                self._confirmed_stopped.add(job.submission_id)
+            else:
+                self._stop_quietly(job.submission_id)
+
+    def _stop_quietly(self, submission_id: str) -> None:
+        try:
+            self.launcher.stop(submission_id)
+        except LaunchError as exc:
+            log.warning("could not stop Ray job %s: %s", submission_id, exc)
+
+
+def _summary(info: RayJobInfo) -> str:
+    parts = [info.error_type or info.status]
+    if info.exit_code is not None:
+        parts.append(f"exit code {info.exit_code}")
+    if info.message:
+        parts.append(info.message.splitlines()[0][:300])
+    return ", ".join(parts)
