@@ -1,0 +1,123 @@
+"""`topk validate SPEC`: check a training or sweep spec file (YAML or JSON, path or URL).
+
+Prints every problem as "field.path: message" on stderr and exits 1 when the spec is invalid,
+2 when the file cannot be read; prints a one-paragraph summary and exits 0 when it is valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "validate",
+        help="check a training or sweep spec file",
+        description=(
+            "Check a training or sweep spec (YAML or JSON, a path or URL) and print every "
+            "problem with its field path. Losses that need class counts read them from the "
+            "training data's dataset.json unless --no-resolve is given. Exit codes: 0 valid, "
+            "1 invalid, 2 unreadable file."
+        ),
+    )
+    parser.add_argument("spec", metavar="SPEC", help="spec file path or URL")
+    parser.add_argument(
+        "--no-resolve",
+        action="store_true",
+        help="check the structure only; do not read dataset.json for class counts",
+    )
+    parser.add_argument(
+        "--print",
+        dest="print_spec",
+        action="store_true",
+        help="print the complete validated spec (defaults filled in) as JSON",
+    )
+    parser.set_defaults(handler=run_validate)
+
+
+def url_limits_from_env() -> dict[str, Any]:
+    """The URL allow-list the service uses (TOPK_ALLOWED_PROTOCOLS, TOPK_ALLOWED_ROOTS)."""
+    limits: dict[str, Any] = {}
+    for key, env in (
+        ("allowed_protocols", "TOPK_ALLOWED_PROTOCOLS"),
+        ("allowed_roots", "TOPK_ALLOWED_ROOTS"),
+    ):
+        value = os.environ.get(env, "").strip()
+        if value:
+            limits[key] = [part.strip() for part in value.split(",") if part.strip()]
+    return limits
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from jobs.spec.io import (
+        SpecError,
+        SpecFileError,
+        format_validation_error,
+        load_spec_file,
+        parse_spec,
+        resolve_class_counts,
+    )
+
+    context = url_limits_from_env()
+    try:
+        raw = load_spec_file(args.spec, **context)
+    except SpecFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        spec = parse_spec(raw, context=context)
+        if not args.no_resolve:
+            spec = resolve_class_counts(spec, context=context)
+    except (ValidationError, SpecError) as exc:
+        lines = format_validation_error(exc)
+        print(f"{args.spec}: invalid spec ({len(lines)} problem(s)):", file=sys.stderr)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    if args.print_spec:
+        print(json.dumps(spec.model_dump(mode="json"), indent=2))
+    else:
+        print(f"{args.spec}: {describe_spec(spec)}")
+    return 0
+
+
+def describe_spec(spec: Any) -> str:
+    """A short human summary of a valid TrainSpec or SweepSpec."""
+    from jobs.spec.sweep import SweepSpec
+
+    if isinstance(spec, SweepSpec):
+        searched = ", ".join(
+            f"{path} ({domain.kind} {_domain_text(domain)})" for path, domain in spec.search.items()
+        )
+        return (
+            f"valid sweep spec: {searched}; {spec.num_samples} sample(s) per grid point, "
+            f"{spec.scheduler.name} on {spec.metric} ({spec.mode}); "
+            f"each trial: {_describe_train(spec.train)}"
+        )
+    return f"valid training spec: {_describe_train(spec)}"
+
+
+def _domain_text(domain: Any) -> str:
+    values = domain.grid or domain.choice or domain.uniform or domain.loguniform
+    return json.dumps(list(values))
+
+
+def _describe_train(train: Any) -> str:
+    params = {k: v for k, v in train.loss.to_kwargs().items() if k != "class_counts"}
+    loss = f"{train.loss.name}({', '.join(f'{k}={v}' for k, v in params.items())})"
+    counts = getattr(train.loss, "class_counts", None)
+    if counts is not None:
+        loss += f" with class counts {min(counts)}..{max(counts)}"
+    head = "cosine head" if train.model.cosine_head else "linear head"
+    workers = train.scaling.num_workers
+    device = "GPU" if train.scaling.use_gpu else "CPU"
+    return (
+        f"{loss} on {train.data.num_classes} classes, {train.model.arch} with a {head}, "
+        f"{train.epochs} epoch(s) of batch {train.batch_size} x {workers} {device} worker(s)"
+    )

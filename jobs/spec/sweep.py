@@ -1,0 +1,219 @@
+"""The sweep spec: a training spec plus a search space over dotted spec paths.
+
+A trial's spec is `apply_params(sweep.train, params)`: the base spec with each dotted path
+(`loss.epsilon`, `optim.lr`, ...) set to the trial's value, validated again as a TrainSpec. The
+sweep is checked up front: every searched path exists in the base spec, and every grid/choice
+value and range bound gives a valid training spec.
+
+This module must not import torch or ray at import time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from jobs.spec.loss import LOSS_SPECS
+from jobs.spec.train import SpecError, TrainSpec, check_metric_choice
+
+DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform")
+
+
+class Domain(BaseModel):
+    """Exactly one of: `grid: [values]` (every value, crossed with the other grids),
+    `choice: [values]` (one drawn per trial), `uniform: [lo, hi]`, `loguniform: [lo, hi]`
+    (real numbers; loguniform needs lo > 0)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    grid: list[Any] | None = Field(None, min_length=1)
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Domain:
+        given = [kind for kind in DOMAIN_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of {', '.join(DOMAIN_KINDS)}; got "
+                + (", ".join(given) if given else "none")
+            )
+        bounds = self.uniform or self.loguniform
+        if bounds is not None:
+            lo, hi = bounds
+            if not lo < hi:
+                raise ValueError(f"{self.kind} needs lo < hi, got [{lo}, {hi}]")
+            if self.loguniform is not None and lo <= 0:
+                raise ValueError(f"loguniform needs lo > 0, got {lo}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in DOMAIN_KINDS if getattr(self, kind) is not None)
+
+    def to_tune(self) -> Any:
+        """The matching Ray Tune search-space object (imports ray.tune)."""
+        from ray import tune
+
+        if self.grid is not None:
+            return tune.grid_search(list(self.grid))
+        if self.choice is not None:
+            return tune.choice(list(self.choice))
+        if self.uniform is not None:
+            return tune.uniform(*self.uniform)
+        return tune.loguniform(*self.loguniform)
+
+
+class SchedulerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    """Epochs every trial runs before ASHA may stop it."""
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class SweepSpec(BaseModel):
+    """A Ray Tune search over a training spec. `num_samples` trials are drawn per grid point."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainSpec
+    search: dict[str, Domain] = Field(min_length=1)
+    metric: str = "val_top5"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(1, ge=1, le=10_000)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """None -> as many as the cluster's resources fit."""
+
+    @model_validator(mode="after")
+    def _check_search(self, info: ValidationInfo) -> SweepSpec:
+        problems = check_metric_choice(
+            self.metric,
+            self.mode,
+            ks=self.train.metrics.ks,
+            has_val=self.train.data.val is not None,
+            metric_path="metric",
+        )
+        if self.scheduler.name == "asha" and self.scheduler.grace_period > self.train.epochs:
+            problems.append(
+                (
+                    "scheduler.grace_period",
+                    f"{self.scheduler.grace_period} exceeds train.epochs = {self.train.epochs}",
+                )
+            )
+        for path, domain in self.search.items():
+            problems += _domain_problems(self.train, path, domain, info.context)
+        if problems:
+            raise SpecError(problems)
+        return self
+
+
+def apply_params(
+    train: TrainSpec, params: Mapping[str, Any], *, context: dict[str, Any] | None = None
+) -> TrainSpec:
+    """The training spec of one trial: `train` with each dotted path set to its value.
+
+    Setting `loss.name` switches the loss: the fields the new loss does not have are dropped and
+    `model.cosine_head` is left to the new loss. Raises pydantic.ValidationError (or SpecError for
+    a path that is not in the spec) when the result is not a valid training spec.
+    """
+    spec = train.model_dump()
+    for path, value in params.items():
+        parent, key = _parent_of(spec, path)
+        if parent is None:
+            raise SpecError([(path, _missing_path_message(spec, path))])
+        parent[key] = value
+    if "loss.name" in params and params["loss.name"] != train.loss.name:
+        new_loss = LOSS_SPECS.get(params["loss.name"])
+        if new_loss is not None:  # an unknown name is left for validation to report
+            spec["loss"] = {k: v for k, v in spec["loss"].items() if k in new_loss.model_fields}
+        spec["model"]["cosine_head"] = None
+    return TrainSpec.model_validate(spec, context=context)
+
+
+def _parent_of(spec: dict[str, Any], path: str) -> tuple[dict[str, Any] | None, str]:
+    """The dict holding the last key of `path` in a dumped spec, or None where it isn't there."""
+    *parents, key = path.split(".")
+    node: Any = spec
+    for part in parents:
+        if not isinstance(node, dict) or part not in node:
+            return None, key
+        node = node[part]
+    if not isinstance(node, dict) or key not in node:
+        return None, key
+    return node, key
+
+
+def _missing_path_message(spec: dict[str, Any], path: str) -> str:
+    parts = path.split(".")
+    node: Any = spec
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the training spec"
+        if not isinstance(node, dict):
+            return f"not a field of the training spec ({where} has no fields)"
+        if part not in node:
+            if parts[:depth] == ["loss"]:
+                where = f"loss {spec['loss']['name']!r}"
+            return f"not a field of the training spec ({where} has: {', '.join(node)})"
+        node = node[part]
+    return "not a field of the training spec"
+
+
+def _domain_problems(
+    train: TrainSpec, path: str, domain: Domain, context: dict[str, Any] | None
+) -> list[tuple[str, str]]:
+    """Problems with searching `path` over `domain`, named `search.<path>...`."""
+    where = f"search.{path}"
+    spec = train.model_dump()
+    if _parent_of(spec, path)[0] is None:
+        return [(where, _missing_path_message(spec, path))]
+    if domain.grid is not None or domain.choice is not None:
+        values = domain.grid if domain.grid is not None else domain.choice
+        trials = [(f"{where}.{domain.kind}[{i}]", value) for i, value in enumerate(values)]
+    else:
+        lo, hi = domain.uniform or domain.loguniform
+        trials = [(f"{where}.{domain.kind}[0]", lo), (f"{where}.{domain.kind}[1]", hi)]
+    problems = []
+    for trial_path, value in trials:
+        problems += _value_problems(train, path, value, trial_path, context)
+    if not problems and domain.kind in ("uniform", "loguniform"):
+        # The bounds may be integral while the samples are not: probe an interior real number.
+        lo, hi = domain.uniform or domain.loguniform
+        probe = lo + (hi - lo) / math.pi
+        if not _value_problems(train, path, probe, where, context):
+            return []
+        return [
+            (
+                where,
+                f"{domain.kind} draws real numbers (like {probe:g}) that {path} does not take; "
+                "for an integer field use grid or choice",
+            )
+        ]
+    return problems
+
+
+def _value_problems(
+    train: TrainSpec, path: str, value: Any, where: str, context: dict[str, Any] | None
+) -> list[tuple[str, str]]:
+    try:
+        apply_params(train, {path: value}, context=context)
+    except ValidationError as exc:
+        from jobs.spec.io import validation_problems  # io imports this module
+
+        return [(where, f"{inner}: {message}") for inner, message in validation_problems(exc)]
+    except SpecError as exc:
+        return [(where, f"{inner}: {message}") for inner, message in exc.problems]
+    return []

@@ -1,0 +1,289 @@
+"""The training spec: what one training job runs, validated once, everywhere.
+
+The same model is the HTTP request body, the CLI's YAML/JSON file and the config each Ray worker
+re-validates. Unknown keys are errors. Cross-field rules are checked after the fields and report
+the field path the user typed (`loss.k: k + 1 = 137 exceeds data.num_classes = 136`).
+
+URL checks use the protocol allow-list of jobs.data.urls; a caller with other settings (the
+service) passes them as validation context:
+`TrainSpec.model_validate(body, context={"allowed_protocols": [...], "allowed_roots": [...]})`.
+
+This module must not import torch: the service validates specs without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from jobs.spec.data import DataSpec
+from jobs.spec.loss import LossSpec, NoisedTopKLossSpec
+
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""Run names become storage folder names and Ray run names: no slashes, no leading dot."""
+
+ARCHITECTURES = (
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet44",
+    "cifar_resnet56",
+    "cifar_resnet18",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+)
+"""Model names the runtime builds: small CIFAR-style ResNets for small images, and torchvision's
+ImageNet ResNets by name."""
+
+
+class SpecError(ValueError):
+    """A spec problem found outside pydantic's field checks, with the field path it concerns.
+
+    `problems` is a list of (field path, message); str() gives one "path: message" per line.
+    """
+
+    def __init__(self, problems: Sequence[tuple[str, str]]):
+        self.problems = list(problems)
+        super().__init__("\n".join(f"{path}: {message}" for path, message in self.problems))
+
+
+def format_path(loc: Iterable[str | int]) -> str:
+    """("data", "train", 1) -> "data.train[1]"; the path the user typed."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def reported_metrics(ks: Iterable[int], *, has_val: bool) -> list[str]:
+    """The per-epoch metric keys a run with these `metrics.ks` writes (and can select on)."""
+    keys = ["train_loss"]
+    if has_val:
+        for k in ks:
+            keys += [f"val_top{k}", f"val_macro_top{k}"]
+    return keys
+
+
+def check_metric_choice(
+    metric: str, mode: str, *, ks: Iterable[int], has_val: bool, metric_path: str
+) -> list[tuple[str, str]]:
+    """Problems with choosing `metric` (in `mode`) among the metrics a run reports."""
+    available = reported_metrics(ks, has_val=has_val)
+    if metric not in available:
+        if metric.startswith("val_") and not has_val:
+            return [(metric_path, f"{metric!r} needs a validation split (data.val is not set)")]
+        return [(metric_path, f"{metric!r} is not reported; choose one of: {', '.join(available)}")]
+    if metric == "train_loss" and mode != "min":
+        return [(metric_path, "train_loss is minimised: set mode to 'min'")]
+    if metric.startswith("val_") and mode != "max":
+        return [(metric_path, f"{metric} is an accuracy: set mode to 'max'")]
+    return []
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    arch: Literal[ARCHITECTURES] = "cifar_resnet20"  # type: ignore[valid-type]
+    pretrained: str | None = None
+    """Local path or fsspec URL of a state_dict (read with weights_only=True); never a hub name."""
+    cosine_head: bool | None = None
+    """Normalized features and weights (scores in [-1, 1]); None -> the loss decides."""
+
+
+class OptimSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD only; AdamW ignores it."""
+    weight_decay: float = Field(5e-4, ge=0.0)
+    nesterov: bool = False
+
+
+class ScheduleSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    step_size: int = Field(30, ge=1)
+    """Epochs between two decays of the `step` schedule."""
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    """The `step` schedule's decay factor."""
+    warmup_epochs: int = Field(0, ge=0)
+    """Linear warmup from lr/10 over this many epochs, then the schedule."""
+
+
+class MetricsSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5], min_length=1)
+    """The K of every top-K and macro-average top-K accuracy reported on the validation split."""
+    select: str = "val_top5"
+    """The metric key the best checkpoint is chosen by (the paper: val_macro_top5 on Pl@ntNet)."""
+    mode: Literal["max", "min"] = "max"
+
+    @field_validator("ks")
+    @classmethod
+    def _unique_sorted(cls, ks: list[int]) -> list[int]:
+        if len(set(ks)) != len(ks):
+            raise ValueError(f"values must be distinct, got {ks}")
+        return sorted(ks)
+
+
+class ScalingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    num_workers: int = Field(1, ge=1, le=1024)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, gt=0.0)
+    """Used only with use_gpu."""
+
+
+class CheckpointSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keep_last: int = Field(2, ge=1)
+    """Latest checkpoints kept besides the best one."""
+
+
+class TrainSpec(BaseModel):
+    """One training job. After validation `model.cosine_head` is a bool, never None."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, pattern=RUN_NAME_PATTERN)
+    data: DataSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    loss: LossSpec = Field(default_factory=NoisedTopKLossSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    epochs: int = Field(10, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=1, le=1_000_000)
+    """Per worker."""
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    storage: str | None = None
+    """fsspec URL of the runs root; None -> the runtime's default."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker failures Ray Train recovers from (from the last checkpoint); -1 = unlimited."""
+    amp: bool = True
+    """Mixed precision; used on GPU only."""
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self, info: ValidationInfo) -> TrainSpec:
+        problems = (
+            self._loss_problems()
+            + self._head_problems()
+            + self._metrics_problems()
+            + self._optim_problems()
+            + self._url_problems(info.context or {})
+        )
+        if problems:
+            raise SpecError(problems)
+        return self
+
+    def _loss_problems(self) -> list[tuple[str, str]]:
+        problems = []
+        num_classes = self.data.num_classes
+        k = getattr(self.loss, "k", None)
+        if k is not None and k + 1 > num_classes:
+            problems.append(("loss.k", f"k + 1 = {k + 1} exceeds data.num_classes = {num_classes}"))
+        counts = getattr(self.loss, "class_counts", None)
+        if counts is not None and len(counts) != num_classes:
+            problems.append(
+                (
+                    "loss.class_counts",
+                    f"has {len(counts)} counts but data.num_classes = {num_classes}",
+                )
+            )
+        return problems
+
+    def _head_problems(self) -> list[tuple[str, str]]:
+        wants_cosine = type(self.loss).needs_cosine_head
+        if self.model.cosine_head is None:
+            # a copy, not an in-place edit: the ModelSpec instance may be shared with the caller
+            self.model = self.model.model_copy(update={"cosine_head": wants_cosine})
+            return []
+        if self.model.cosine_head == wants_cosine:
+            return []
+        if wants_cosine:
+            message = (
+                f"loss {self.loss.name!r} applies its margins and scale to cosine scores: "
+                "it needs cosine_head true (or unset)"
+            )
+        else:
+            message = (
+                "a cosine head gives scores in [-1, 1] and only the losses that apply their own "
+                "scale take it (ldam, noised_topk_imbalanced): set cosine_head false (or unset)"
+            )
+        return [("model.cosine_head", message)]
+
+    def _metrics_problems(self) -> list[tuple[str, str]]:
+        problems = [
+            (
+                f"metrics.ks[{i}]",
+                f"top-{k} accuracy needs k <= data.num_classes = {self.data.num_classes}",
+            )
+            for i, k in enumerate(self.metrics.ks)
+            if k > self.data.num_classes
+        ]
+        problems += check_metric_choice(
+            self.metrics.select,
+            self.metrics.mode,
+            ks=self.metrics.ks,
+            has_val=self.data.val is not None,
+            metric_path="metrics.select",
+        )
+        if self.schedule.warmup_epochs >= self.epochs:
+            problems.append(
+                (
+                    "schedule.warmup_epochs",
+                    f"{self.schedule.warmup_epochs} warmup epochs leave no epoch to train "
+                    f"(epochs = {self.epochs})",
+                )
+            )
+        return problems
+
+    def _optim_problems(self) -> list[tuple[str, str]]:
+        if not self.optim.nesterov:
+            return []
+        if self.optim.name != "sgd":
+            return [("optim.nesterov", f"only SGD has Nesterov momentum, not {self.optim.name}")]
+        if self.optim.momentum == 0.0:
+            return [("optim.nesterov", "Nesterov momentum needs optim.momentum > 0")]
+        return []
+
+    def _url_problems(self, context: dict[str, Any]) -> list[tuple[str, str]]:
+        from jobs.data.urls import check_url  # lazy: the data layer's import cost stays there
+
+        limits = {
+            key: context[key] for key in ("allowed_protocols", "allowed_roots") if key in context
+        }
+        urls: list[tuple[str, str]] = []
+        for split in ("train", "val"):
+            source = getattr(self.data, split)
+            if isinstance(source, str):
+                urls.append((f"data.{split}", source))
+            elif source is not None:
+                urls += [(f"data.{split}[{i}]", url) for i, url in enumerate(source)]
+        if self.model.pretrained is not None:
+            urls.append(("model.pretrained", self.model.pretrained))
+        if self.storage is not None:
+            urls.append(("storage", self.storage))
+        problems = []
+        for path, url in urls:
+            try:
+                check_url(url, **limits)
+            except ValueError as exc:
+                problems.append((path, str(exc)))
+        return problems
