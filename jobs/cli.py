@@ -1,0 +1,168 @@
+"""`topk train SPEC` and `topk sweep SPEC`: run a training or sweep spec on Ray from a shell.
+
+Without --address a local Ray cluster is started for the run (or RAY_ADDRESS is used inside a
+Ray job). Progress is printed per epoch. Exit codes: 0 success, 1 the run failed, 2 the spec or
+the arguments are invalid (every problem printed as "field.path: message").
+The same handlers serve `python -m jobs train|sweep --spec URL`, the entrypoint a Ray job runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as lines on stderr, exit code 2."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    for command, help_text in (
+        ("train", "run a training spec on Ray (local cluster unless --address)"),
+        ("sweep", "run a sweep spec (Ray Tune over dotted spec paths)"),
+    ):
+        parser = subparsers.add_parser(command, help=help_text, description=help_text)
+        parser.add_argument("spec", metavar="SPEC", help="spec file (YAML or JSON), path or URL")
+        add_run_arguments(parser)
+        parser.set_defaults(handler=run_train_command if command == "train" else run_sweep_command)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, run_name_required: bool = False) -> None:
+    parser.add_argument(
+        "--run-name",
+        required=run_name_required,
+        help="the run's folder under the storage root; reusing a name resumes that run "
+        "(default: the spec's name, else <loss>-<time>)",
+    )
+    parser.add_argument(
+        "--storage",
+        help="storage root URL (default: the spec's storage, else $TOPK_STORAGE_URL, else "
+        "./.topk/runs)",
+    )
+    parser.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+
+
+def _url_limits() -> dict[str, Any]:
+    from jobs.spec.cli import url_limits_from_env
+
+    return url_limits_from_env()
+
+
+def load_spec(url: str, kind: str) -> Any:
+    """A validated TrainSpec ("train") or SweepSpec ("sweep") from a file or URL, class counts
+    filled from dataset.json. Raises UsageError with one line per problem."""
+    from pydantic import ValidationError
+
+    from jobs.spec.io import (
+        SpecError,
+        SpecFileError,
+        format_validation_error,
+        is_sweep_document,
+        load_spec_file,
+        parse_sweep_spec,
+        parse_train_spec,
+        resolve_class_counts,
+    )
+
+    context = _url_limits()
+    try:
+        raw = load_spec_file(url, **context)
+    except SpecFileError as exc:
+        raise UsageError([f"error: {exc}"]) from None
+    if kind == "train" and is_sweep_document(raw):
+        raise UsageError([f"error: {url} is a sweep spec; run it with `sweep`"])
+    if kind == "sweep" and not is_sweep_document(raw):
+        raise UsageError([f"error: {url} is a training spec; run it with `train`"])
+    try:
+        parse = parse_train_spec if kind == "train" else parse_sweep_spec
+        return resolve_class_counts(parse(raw, context=context), context=context)
+    except (ValidationError, SpecError) as exc:
+        lines = format_validation_error(exc)
+        return _raise_invalid(url, lines)
+
+
+def _raise_invalid(url: str, lines: list[str]) -> Any:
+    raise UsageError(
+        [f"{url}: invalid spec ({len(lines)} problem(s)):"] + [f"  {x}" for x in lines]
+    )
+
+
+def default_run_name(spec: Any) -> str:
+    train = getattr(spec, "train", spec)
+    if getattr(spec, "name", None):
+        return spec.name
+    prefix = "sweep-" if train is not spec else ""
+    return f"{prefix}{train.loss.name.replace('_', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def print_epoch(record: dict[str, Any], epochs: int) -> None:
+    """One progress line per finished epoch."""
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train_loss {record['train_loss']:.4f}"]
+    for key in sorted(record):
+        if key.startswith("val_"):
+            parts.append(f"{key} {record[key]:.4f}")
+    parts.append(f"{record.get('samples_per_second', 0.0):.0f} samples/s")
+    if record.get("skipped"):
+        parts.append(f"skipped {record['skipped']}")
+    print("  ".join(parts), flush=True)
+
+
+def _run(args: argparse.Namespace, kind: str) -> int:
+    try:
+        spec = load_spec(args.spec, kind)
+        run_name = args.run_name or default_run_name(spec)
+        from jobs.training.storage import check_run_name, normalize_root
+
+        check_run_name(run_name)
+        storage = args.storage or (spec.storage if kind == "train" else spec.train.storage)
+        if storage is not None:
+            from jobs.data.urls import check_url
+
+            check_url(storage, **_url_limits())
+        root = normalize_root(storage)
+    except UsageError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    print(f"{kind} run {run_name!r} under {root}", flush=True)
+    try:
+        if kind == "train":
+            from jobs.training.run import run_training
+
+            result = run_training(
+                spec,
+                run_name,
+                storage=root,
+                address=args.address,
+                on_epoch=lambda record: print_epoch(record, spec.epochs),
+            )
+            print(json.dumps({"run": run_name, **result}, indent=2, default=str))
+        else:
+            from jobs.sweep import format_trial_table, run_sweep
+
+            summary = run_sweep(spec, run_name, storage=root, address=args.address)
+            print(format_trial_table(summary))
+            print(f"best config: {root}/{run_name}/sweep.json (best_config)")
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"error: {kind} run {run_name!r} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    return _run(args, "train")
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    return _run(args, "sweep")

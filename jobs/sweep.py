@@ -1,0 +1,212 @@
+"""Ray Tune sweeps over dotted training-spec paths: `run_sweep(sweep_spec, run_name, ...)`.
+
+Each trial is a Tune function trainable that applies its sampled parameters to the base
+TrainSpec (`jobs.spec.sweep.apply_params`, which validates again) and runs a TorchTrainer inside
+(Ray Train V2 pattern: the trainer reports to Tune through TuneReportCallback). ASHA stops weak
+trials on the per-epoch metric. Files under ROOT/RUN: spec.json (the sweep), tune/ (Tune's
+state), trials/<trial>/ (each trial's run: metrics.jsonl, checkpoints/, result.json) and
+sweep.json (the trial table, best params, best config as a valid training spec).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from jobs.spec.io import resolve_class_counts
+from jobs.spec.sweep import SweepSpec, apply_params
+from jobs.spec.train import TrainSpec
+from jobs.training.run import build_trainer, ensure_ray, summarize_run
+from jobs.training.storage import (
+    check_run_name,
+    join,
+    normalize_root,
+    ray_storage,
+    read_json,
+    write_json,
+)
+
+_REPORTED_PREFIXES = ("epoch", "train_loss", "val_", "samples_per_second", "skipped", "lr")
+
+
+def _trial_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """Our per-epoch metrics out of what Tune recorded (Tune adds its own bookkeeping keys)."""
+    return {
+        key: value
+        for key, value in (metrics or {}).items()
+        if key.startswith(_REPORTED_PREFIXES) and isinstance(value, (int, float))
+    }
+
+
+def run_trial(config: dict[str, Any], *, base_spec: dict[str, Any], sweep_dir: str) -> None:
+    """One Tune trial: build its TrainSpec and train it on Ray Train, reporting to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    params = config["params"]
+    spec = resolve_class_counts(apply_params(TrainSpec.model_validate(base_spec), params))
+    trial_dir = join(sweep_dir, "trials", f"trial-{tune.get_context().get_trial_id()}")
+    write_json(join(trial_dir, "spec.json"), spec.model_dump(mode="json"))
+    trainer = build_trainer(spec, trial_dir, callbacks=[TuneReportCallback()])
+    trainer.fit()
+    write_json(join(trial_dir, "result.json"), summarize_run(spec, trial_dir))
+
+
+def default_concurrency(spec: TrainSpec) -> int:
+    """How many trials the cluster's CPUs (or GPUs) hold at once, at least 1."""
+    import ray
+
+    resources = ray.cluster_resources()
+    scaling = spec.scaling
+    if scaling.use_gpu:
+        need, have = scaling.num_workers * scaling.gpus_per_worker, resources.get("GPU", 0.0)
+    else:
+        need, have = scaling.num_workers * scaling.cpus_per_worker, resources.get("CPU", 0.0)
+    return max(int(math.floor(have / need + 1e-9)), 1)
+
+
+def run_sweep(
+    sweep: SweepSpec,
+    run_name: str,
+    storage: str | None = None,
+    address: str | None = None,
+) -> dict[str, Any]:
+    """Run the sweep as `run_name` under the storage root and return sweep.json's content:
+    {"metric", "mode", "trials": [{"trial_id", "params", "status", "metrics"}], "best_params",
+    "best_config"}. Trial status: "completed", "stopped" (by ASHA) or "error". Raises
+    RuntimeError when no trial produced the metric, ValueError for a bad name or storage.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    check_run_name(run_name)
+    root = normalize_root(storage or sweep.train.storage)
+    sweep_dir = join(root, run_name)
+    sweep = resolve_class_counts(sweep)
+    if read_json(join(sweep_dir, "spec.json")) is None:
+        write_json(join(sweep_dir, "spec.json"), sweep.model_dump(mode="json"))
+
+    train = sweep.train
+    scaling = train.scaling
+    ensure_ray(
+        address,
+        num_cpus=scaling.num_workers * scaling.cpus_per_worker,
+        num_gpus=scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0,
+    )
+    concurrency = sweep.max_concurrent_trials or default_concurrency(train)
+    if sweep.scheduler.name == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",  # one report per epoch
+            max_t=train.epochs,
+            grace_period=sweep.scheduler.grace_period,
+            reduction_factor=sweep.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    storage_path, storage_filesystem = ray_storage(sweep_dir)
+    trainable = tune.with_parameters(
+        run_trial, base_spec=train.model_dump(mode="json"), sweep_dir=sweep_dir
+    )
+    # The trial function only drives a TorchTrainer whose workers hold the resources.
+    trainable = tune.with_resources(trainable, {"CPU": 0})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"params": {path: domain.to_tune() for path, domain in sweep.search.items()}},
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            num_samples=sweep.num_samples,
+            scheduler=scheduler,
+            max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            verbose=1,
+        ),
+    )
+    results = tuner.fit()
+
+    trials = []
+    for result in results:
+        metrics = _trial_metrics(result.metrics)
+        if result.error is not None:
+            status = "error"
+        elif metrics.get("epoch", 0) < train.epochs:
+            status = "stopped"
+        else:
+            status = "completed"
+        trials.append(
+            {
+                "trial_id": (result.metrics or {}).get("trial_id")
+                or result.path.rsplit("/", 1)[-1],
+                "params": dict(result.config["params"]),
+                "status": status,
+                "metrics": metrics,
+                "error": None if result.error is None else _one_line(result.error),
+            }
+        )
+    scored = [t for t in trials if isinstance(t["metrics"].get(sweep.metric), (int, float))]
+    if not scored:
+        summary = {
+            "metric": sweep.metric,
+            "mode": sweep.mode,
+            "trials": trials,
+            "best_params": None,
+            "best_config": None,
+        }
+        write_json(join(sweep_dir, "sweep.json"), summary)
+        errors = "; ".join(t["error"] for t in trials if t["error"]) or "no metric reported"
+        raise RuntimeError(f"no trial reported {sweep.metric}: {errors}")
+    pick = max if sweep.mode == "max" else min
+    best = pick(scored, key=lambda t: t["metrics"][sweep.metric])
+    best_config = apply_params(train, best["params"]).model_dump(mode="json")
+    summary = {
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+        "trials": trials,
+        "best_trial_id": best["trial_id"],
+        "best_params": best["params"],
+        "best_config": best_config,
+    }
+    write_json(join(sweep_dir, "sweep.json"), summary)
+    return summary
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+def format_trial_table(summary: dict[str, Any]) -> str:
+    """The trial table as aligned text: one row per trial, params and the sweep metric."""
+    metric = summary["metric"]
+    paths = sorted({path for trial in summary["trials"] for path in trial["params"]})
+    header = ["trial", "status", "epochs", *paths, metric]
+    rows = [header]
+    for trial in summary["trials"]:
+        value = trial["metrics"].get(metric)
+        rows.append(
+            [
+                str(trial["trial_id"]),
+                trial["status"],
+                str(trial["metrics"].get("epoch", 0)),
+                *[_format_value(trial["params"].get(path)) for path in paths],
+                "-" if value is None else f"{value:.4f}",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    if summary.get("best_params") is not None:
+        lines.append(f"best: {summary['best_trial_id']} {summary['best_params']}")
+    return "\n".join(lines)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)

@@ -1,0 +1,212 @@
+"""The training loop in plain PyTorch: one epoch of training, an exact evaluation, and the
+optimiser and learning-rate schedule builders. Testable without Ray; when a
+`torch.distributed` process group is initialised, losses and metric counts are summed across
+ranks so every rank returns the same figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+if TYPE_CHECKING:
+    from topk.metrics import TopKCounts
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    name: str,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> torch.optim.Optimizer:
+    """SGD or AdamW over the model's trainable parameters.
+
+    Weight decay skips biases and normalisation weights (1-D tensors): decaying them only hurts.
+    Raises ValueError for an unknown name.
+    """
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; valid choices: adamw, sgd")
+
+
+def lr_factor(
+    epoch_progress: float,
+    *,
+    name: str,
+    epochs: int,
+    step_size: int = 30,
+    gamma: float = 0.1,
+    warmup_epochs: float = 0.0,
+) -> float:
+    """The multiplier of the base learning rate after `epoch_progress` epochs (a float >= 0).
+
+    A linear warmup over `warmup_epochs`, then "constant", "step" (times `gamma` every
+    `step_size` epochs) or "cosine" (half a cosine from 1 to 0 over the remaining epochs).
+    """
+    if warmup_epochs > 0 and epoch_progress < warmup_epochs:
+        return (epoch_progress + 1e-3) / (warmup_epochs + 1e-3)
+    if name == "constant":
+        return 1.0
+    if name == "step":
+        return gamma ** math.floor(epoch_progress / step_size)
+    if name == "cosine":
+        span = max(epochs - warmup_epochs, 1e-9)
+        progress = min(max((epoch_progress - warmup_epochs) / span, 0.0), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {name!r}; valid choices: constant, cosine, step")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    name: str,
+    epochs: int,
+    steps_per_epoch: int,
+    step_size: int = 30,
+    gamma: float = 0.1,
+    warmup_epochs: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR following `lr_factor`; call `.step()` after every optimiser step."""
+    lr_factor(0.0, name=name, epochs=epochs)  # raises early for an unknown name
+    steps = max(int(steps_per_epoch), 1)
+
+    def factor(step: int) -> float:
+        return lr_factor(
+            step / steps,
+            name=name,
+            epochs=epochs,
+            step_size=step_size,
+            gamma=gamma,
+            warmup_epochs=warmup_epochs,
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class EpochStats:
+    """What one training epoch measured: mean loss per sample (all ranks), samples seen on all
+    ranks, wall seconds, and samples per second (all ranks)."""
+
+    train_loss: float
+    samples: int
+    seconds: float
+    samples_per_second: float
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA when asked; a no-op on CPU (CPU autocast is slower here)."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    amp: bool = False,
+    max_grad_norm: float | None = None,
+) -> EpochStats:
+    """Train `model` for one pass over `loader` (images [B, C, S, S], labels [B] long).
+
+    `loss_fn(scores, labels, generator=generator)` gets float32 scores even under AMP (the
+    stochastic losses draw and select in float32). The scheduler steps once per batch. Under DDP
+    every rank must see the same number of batches (the data pipeline guarantees it). Raises
+    FloatingPointError when the loss turns non-finite.
+    """
+    device = torch.device(device)
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    samples = torch.zeros((), dtype=torch.float64, device=device)
+    start = time.perf_counter()
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            scores = model(images)
+        loss = loss_fn(scores.float(), labels, generator=generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.detach().double() * labels.numel()
+        samples += labels.numel()
+    seconds = time.perf_counter() - start
+    totals = torch.stack([loss_sum, samples])
+    if _is_distributed():
+        dist.all_reduce(totals)
+    loss_total, sample_total = totals.tolist()
+    return EpochStats(
+        train_loss=loss_total / max(sample_total, 1.0),
+        samples=int(sample_total),
+        seconds=seconds,
+        samples_per_second=sample_total / max(seconds, 1e-9),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    ks: list[int],
+    num_classes: int,
+    *,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+) -> TopKCounts:
+    """Per-class top-k hit counts over every sample of `loader`, summed across DDP ranks.
+
+    Each rank passes its own disjoint part of the validation split (the eval loader splits it),
+    so the sum counts every sample exactly once. Ranks that get no batch still take part in the
+    all_reduce.
+    """
+    from topk.metrics import TopKCounts, topk_counts
+
+    device = torch.device(device)
+    model.eval()
+    counts = TopKCounts.zeros(num_classes, ks)
+    for images, labels in loader:
+        with _autocast(device, amp):
+            scores = model(images.to(device, non_blocking=True))
+        counts = counts + topk_counts(scores.float().cpu(), labels.cpu(), ks)
+    if _is_distributed():
+        packed = counts.to_tensor().to(device)
+        dist.all_reduce(packed)
+        counts = TopKCounts.from_tensor(packed.cpu(), ks)
+    return counts

@@ -1,0 +1,227 @@
+"""Launch one training run on Ray Train: `run_training(spec, run_name, storage, address)`.
+
+The run lives in ROOT/RUN on the storage root (see storage.py). Ray Train's own run folder is
+ROOT/RUN/checkpoints with the fixed name "checkpoints": launching the same RUN again (a relaunch
+by the service, or `topk train` with the same --run-name) finds Ray's state there and resumes
+from the latest checkpoint; with more epochs in the spec it continues training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from jobs.spec.io import resolve_class_counts
+from jobs.spec.train import TrainSpec
+from jobs.training.storage import (
+    RAY_RUN_FOLDER,
+    check_run_name,
+    join,
+    normalize_root,
+    ray_storage,
+    read_json,
+    read_metrics,
+    write_json,
+)
+from jobs.training.worker import FAULT_INJECTION_ENV
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: float = 1.0, num_gpus: float = 0.0) -> None:
+    """Connect to Ray: the given address, else RAY_ADDRESS (inside a Ray job), else a new local
+    cluster with enough logical CPUs for `num_cpus`. Never attaches to an unrelated cluster that
+    happens to run on this machine. A no-op when Ray is already initialised in this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **quiet)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+    else:
+        # Logical CPUs: a 2-worker run (plus a Tune trial driver) must fit on a 2-core laptop.
+        cpus = max(os.cpu_count() or 1, math.ceil(num_cpus))
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            num_gpus=num_gpus or None,
+            include_dashboard=False,
+            **quiet,
+        )
+
+
+def scaling_config(spec: TrainSpec) -> Any:
+    import ray.train
+
+    scaling = spec.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return ray.train.ScalingConfig(
+        num_workers=scaling.num_workers,
+        use_gpu=scaling.use_gpu,
+        resources_per_worker=resources,
+    )
+
+
+def build_trainer(
+    spec: TrainSpec,
+    run_dir: str,
+    *,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The TorchTrainer for `spec` whose run lives at `run_dir` (ROOT/RUN)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.training.worker import train_loop_per_worker
+
+    storage_path, storage_filesystem = ray_storage(run_dir)
+    has_val = spec.data.val is not None
+    checkpoint_config = ray.train.CheckpointConfig(
+        # Ray keeps the `keep_last` best by the selection metric and always the latest.
+        num_to_keep=spec.checkpoint.keep_last,
+        checkpoint_score_attribute=spec.metrics.select if has_val else None,
+        checkpoint_score_order=spec.metrics.mode,
+    )
+    worker_env = {}
+    if os.environ.get(FAULT_INJECTION_ENV):
+        worker_env[FAULT_INJECTION_ENV] = os.environ[FAULT_INJECTION_ENV]
+    run_config = ray.train.RunConfig(
+        name=RAY_RUN_FOLDER,
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
+        checkpoint_config=checkpoint_config,
+        failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+        callbacks=callbacks,
+        worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": run_dir},
+        scaling_config=scaling_config(spec),
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+    )
+
+
+def summarize_run(spec: TrainSpec, run_dir: str, *, error: str | None = None) -> dict[str, Any]:
+    """result.json's content from the run's metrics.jsonl: status, epochs, best epoch's
+    metrics by `metrics.select`."""
+    history = read_metrics(join(run_dir, "metrics.jsonl"))
+    select, mode = spec.metrics.select, spec.metrics.mode
+    scored = [r for r in history if isinstance(r.get(select), (int, float))]
+    best = None
+    if scored:
+        best = (max if mode == "max" else min)(scored, key=lambda r: r[select])
+    return {
+        "status": "failed" if error else "succeeded",
+        "epochs": max((r["epoch"] for r in history), default=0),
+        "best": best,
+        "best_epoch": best["epoch"] if best else None,
+        "error": error,
+        "time": time.time(),
+    }
+
+
+class MetricsFollower:
+    """Calls `on_epoch(record)` for each new line of a run's metrics.jsonl, from a background
+    thread polling storage (works for any fsspec URL, no Ray needed)."""
+
+    def __init__(self, run_dir: str, on_epoch: Callable[[dict[str, Any]], None], *, period_s=2.0):
+        self._url = join(run_dir, "metrics.jsonl")
+        self._on_epoch = on_epoch
+        self._period_s = period_s
+        self._seen: set[int] = {r.get("epoch", 0) for r in read_metrics(self._url)}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll_forever, daemon=True)
+
+    def __enter__(self) -> MetricsFollower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()  # the last epoch may land between two polls
+
+    def _poll_forever(self) -> None:
+        while not self._stop.wait(self._period_s):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            records = read_metrics(self._url)
+        except (OSError, ValueError):  # a half-visible file on some stores: try again later
+            return
+        for record in records:
+            epoch = record.get("epoch", 0)
+            if epoch not in self._seen:
+                self._seen.add(epoch)
+                self._on_epoch(record)
+
+
+def run_training(
+    spec: TrainSpec,
+    run_name: str,
+    storage: str | None = None,
+    address: str | None = None,
+    *,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train `spec` as run `run_name` under the storage root (`storage`, else spec.storage,
+    else TOPK_STORAGE_URL or ./.topk/runs) and return result.json's content.
+
+    Writes ROOT/RUN/spec.json (when absent), metrics.jsonl per epoch, checkpoints and
+    result.json. `on_epoch(record)` (optional) gets each new metrics.jsonl record while the run
+    goes. A failed run writes result.json with status "failed" and raises RuntimeError
+    with the cause. Raises ValueError for a bad run name or storage URL.
+    """
+    check_run_name(run_name)
+    root = normalize_root(storage or spec.storage)
+    run_dir = join(root, run_name)
+    spec = resolve_class_counts(spec)
+    spec_url = join(run_dir, "spec.json")
+    if read_json(spec_url) is None:  # the service writes it first; a local run writes it here
+        write_json(spec_url, spec.model_dump(mode="json"))
+
+    scaling = spec.scaling
+    ensure_ray(
+        address,
+        num_cpus=scaling.num_workers * scaling.cpus_per_worker,
+        num_gpus=scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0,
+    )
+    trainer = build_trainer(spec, run_dir)
+    try:
+        if on_epoch is None:
+            trainer.fit()
+        else:
+            with MetricsFollower(run_dir, on_epoch):
+                trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; keep the root cause's message
+        message = _root_cause(exc)
+        write_json(join(run_dir, "result.json"), summarize_run(spec, run_dir, error=message))
+        raise RuntimeError(message) from exc
+    result = summarize_run(spec, run_dir)
+    write_json(join(run_dir, "result.json"), result)
+    return result
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error's 'Type: message' (Ray nests the worker's exception)."""
+    seen = exc
+    while True:
+        inner = getattr(seen, "cause", None) or seen.__cause__
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[-1] if text else ''}".strip()

@@ -1,0 +1,136 @@
+"""The run's files on storage (any fsspec URL; a local folder by default).
+
+Layout for a run named RUN under the storage root ROOT:
+ROOT/RUN/spec.json, ROOT/RUN/metrics.jsonl (one JSON object per finished epoch),
+ROOT/RUN/checkpoints/ (Ray Train's run folder: checkpoint_* directories and its state),
+ROOT/RUN/result.json, and for sweeps ROOT/RUN/sweep.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+DEFAULT_STORAGE = os.path.join(".topk", "runs")
+RAY_RUN_FOLDER = "checkpoints"  # Ray Train's run name inside ROOT/RUN
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one path segment: letters, digits, '.', '_', '-' (max 128 characters)."""
+    if not isinstance(name, str) or not _RUN_NAME.match(name) or name in {".", ".."}:
+        raise ValueError(
+            f"run name {name!r} must be 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def default_storage_root() -> str:
+    """TOPK_STORAGE_URL when set (the service's setting), else ./.topk/runs."""
+    return os.environ.get("TOPK_STORAGE_URL") or DEFAULT_STORAGE
+
+
+def normalize_root(root: str | None) -> str:
+    """The storage root as a URL; a local path becomes absolute (Ray workers have other cwds)."""
+    root = root or default_storage_root()
+    _check_protocol(root)
+    if "://" not in root:
+        return str(Path(root).expanduser().resolve())
+    if root.startswith("file://"):
+        return str(Path(root[len("file://") :]).resolve())
+    return root.rstrip("/")
+
+
+def _check_protocol(url: str) -> None:
+    try:
+        from jobs.data.urls import check_url
+    except ImportError:  # the data layer is not installed: fall back to local paths only
+        if "://" in url and not url.startswith("file://"):
+            raise ValueError(f"storage {url!r}: only local paths are supported") from None
+        return
+    check_url(url)
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def ray_storage(root_url: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig.
+
+    Local folders and the protocols pyarrow speaks natively (s3, gs) go as they are; any other
+    fsspec protocol goes through pyarrow's FSSpecHandler with the protocol stripped.
+    """
+    if "://" not in root_url:
+        return root_url, None
+    protocol = root_url.split("://", 1)[0]
+    if protocol in {"s3", "gs", "gcs"}:
+        return root_url, None
+    import pyarrow.fs
+
+    filesystem, path = fsspec.core.url_to_fs(root_url)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))
+
+
+def write_text(url: str, text: str) -> None:
+    """Replace the file at `url` with `text`; local files are swapped in atomically so that a
+    reader never sees half a file."""
+    filesystem, path = fsspec.core.url_to_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        filesystem.makedirs(parent, exist_ok=True)
+    if filesystem.protocol in ("file", ("file", "local")) or "file" in filesystem.protocol:
+        temporary = f"{path}.tmp-{os.getpid()}"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+        return
+    with filesystem.open(path, "w") as handle:  # object stores replace an object in one PUT
+        handle.write(text)
+
+
+def read_text(url: str) -> str | None:
+    """The file's text, or None when it does not exist."""
+    filesystem, path = fsspec.core.url_to_fs(url)
+    try:
+        with filesystem.open(path, "r", encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def write_json(url: str, value: Any) -> None:
+    write_text(url, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(url: str) -> Any | None:
+    text = read_text(url)
+    return None if text is None else json.loads(text)
+
+
+def read_metrics(url: str) -> list[dict[str, Any]]:
+    """The epochs recorded in a metrics.jsonl file (empty when absent)."""
+    text = read_text(url) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """ROOT/RUN/metrics.jsonl, one line per finished epoch, rewritten whole on each append.
+
+    Object stores cannot append, and a rewrite lets a resumed run drop the lines of epochs
+    after its checkpoint (an epoch that finished but whose checkpoint was lost is run again).
+    """
+
+    def __init__(self, url: str, *, keep_through_epoch: int) -> None:
+        self.url = url
+        self.records = [r for r in read_metrics(url) if r.get("epoch", 0) <= keep_through_epoch]
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        write_text(self.url, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))

@@ -1,0 +1,219 @@
+"""The function every Ray Train worker runs (`TorchTrainer(train_loop_per_worker, ...)`).
+
+Per epoch: train, evaluate exactly across ranks, append the epoch to ROOT/RUN/metrics.jsonl
+(rank 0), and call `ray.train.report(metrics, checkpoint=...)` from every rank (a barrier).
+Rank 0 writes the model/optimiser/scheduler state into the checkpoint, every rank its RNG state;
+Ray Train merges them into one checkpoint directory. A (re)started worker group resumes from
+`ray.train.get_checkpoint()`, so a failure loses at most the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from jobs.data.pipeline import build_eval_loader, build_train_loader
+from jobs.models import build_model
+from jobs.spec.train import TrainSpec
+from jobs.training.checkpoint import (
+    TrainingState,
+    load_training_state,
+    save_rng_state,
+    save_training_state,
+)
+from jobs.training.loop import build_optimizer, build_scheduler, evaluate, train_one_epoch
+from jobs.training.storage import MetricsLog, join
+from topk import create_loss, get_loss_class
+
+# Test hook for the fault-tolerance test: "RANK:EPOCH:MARKER_PATH" makes that rank's process
+# SIGKILL itself at the start of that epoch if the marker file exists (the file is removed first,
+# so it happens once). run.py forwards it from the driver's environment to the workers.
+FAULT_INJECTION_ENV = "TOPK_TEST_KILL_WORKER"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _noise_seed(seed: int, rank: int, epoch: int) -> int:
+    """The loss-noise seed of one rank in one epoch: reproducible, and different per rank so
+    that DDP ranks do not draw the same noise."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**63
+
+
+def _maybe_inject_fault(rank: int, epoch: int) -> None:
+    setting = os.environ.get(FAULT_INJECTION_ENV)
+    if not setting:
+        return
+    kill_rank, kill_epoch, marker = setting.split(":", 2)
+    if rank == int(kill_rank) and epoch == int(kill_epoch) and os.path.exists(marker):
+        os.remove(marker)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _steps_per_epoch(loader: Any, spec: TrainSpec, world_size: int) -> int:
+    """Batches per epoch on each rank, for the per-step learning-rate schedule."""
+    try:
+        return max(len(loader), 1)
+    except TypeError:
+        samples = spec.data.samples_per_epoch or spec.batch_size * world_size
+        return max(samples // (spec.batch_size * world_size), 1)
+
+
+def _skipped_samples(loader: Any) -> int:
+    stats = getattr(loader, "stats", None)
+    if stats is None:
+        return 0
+    skipped = getattr(stats, "skipped", None)
+    if skipped is None and isinstance(stats, dict):
+        skipped = stats.get("skipped")
+    if isinstance(skipped, dict):
+        return int(sum(skipped.values()))
+    return int(skipped or 0)
+
+
+def _sum_across_ranks(value: int) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    total = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: {"spec": TrainSpec as a JSON dict, "run_dir": URL of
+    ROOT/RUN}. The spec is validated again here: the worker trusts nothing it is sent."""
+    spec = TrainSpec.model_validate(config["spec"])
+    run_dir: str = config["run_dir"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    _seed_everything(spec.seed * 1000 + rank)
+
+    loss_kwargs = spec.loss.to_kwargs()
+    loss_fn = create_loss(spec.loss.name, **loss_kwargs)
+    cosine_head = spec.model.cosine_head
+    if cosine_head is None:
+        cosine_head = bool(getattr(get_loss_class(spec.loss.name), "needs_cosine_head", False))
+    model = build_model(
+        spec.model.arch,
+        spec.data.num_classes,
+        in_channels=spec.data.channels,
+        cosine_head=cosine_head,
+        pretrained=spec.model.pretrained,
+    ).to(device)
+    optimizer = build_optimizer(model, **spec.optim.model_dump())
+
+    first_loader = build_train_loader(
+        spec.data,
+        batch_size=spec.batch_size,
+        rank=rank,
+        world_size=world_size,
+        epoch=1,
+        seed=spec.seed,
+    )
+    steps_per_epoch = _steps_per_epoch(first_loader, spec, world_size)
+    schedule = spec.schedule.model_dump()
+    scheduler = build_scheduler(
+        optimizer,
+        name=schedule.pop("name"),
+        epochs=spec.epochs,
+        steps_per_epoch=steps_per_epoch,
+        **schedule,
+    )
+
+    state = TrainingState(epoch=0, best_metric=None, best_epoch=None)
+    resumed_from: int | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_training_state(
+                directory, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank
+            )
+        resumed_from = state.epoch
+    model = ray.train.torch.prepare_model(model)
+    metrics_log = MetricsLog(join(run_dir, "metrics.jsonl"), keep_through_epoch=state.epoch)
+    select, mode = spec.metrics.select, spec.metrics.mode
+    ks = sorted(set(spec.metrics.ks))
+    amp = spec.amp and device.type == "cuda"
+
+    for epoch in range(state.epoch + 1, spec.epochs + 1):
+        _maybe_inject_fault(rank, epoch)
+        loader = first_loader if epoch == 1 and first_loader is not None else None
+        if loader is None:
+            loader = build_train_loader(
+                spec.data,
+                batch_size=spec.batch_size,
+                rank=rank,
+                world_size=world_size,
+                epoch=epoch,
+                seed=spec.seed,
+            )
+        first_loader = None
+        generator = torch.Generator(device=device).manual_seed(_noise_seed(spec.seed, rank, epoch))
+        stats = train_one_epoch(
+            model,
+            loader,
+            loss_fn,
+            optimizer,
+            scheduler,
+            device=device,
+            generator=generator,
+            amp=amp,
+        )
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": stats.train_loss,
+            "samples": stats.samples,
+            "skipped": _sum_across_ranks(_skipped_samples(loader)),
+            "samples_per_second": stats.samples_per_second,
+            "epoch_seconds": stats.seconds,
+            "lr": optimizer.param_groups[0]["lr"],
+            "resumed_from_epoch": resumed_from,
+        }
+        if spec.data.val is not None:
+            val_loader = build_eval_loader(
+                spec.data, batch_size=spec.batch_size, rank=rank, world_size=world_size
+            )
+            counts = evaluate(model, val_loader, ks, spec.data.num_classes, device=device, amp=amp)
+            for k in ks:
+                metrics[f"val_top{k}"] = counts.accuracy(k)
+                metrics[f"val_macro_top{k}"] = counts.macro_accuracy(k)
+        metrics["time"] = time.time()
+
+        value = metrics.get(select)
+        if isinstance(value, (int, float)):
+            improved = state.best_metric is None or (
+                value > state.best_metric if mode == "max" else value < state.best_metric
+            )
+            if improved:
+                state.best_metric, state.best_epoch = float(value), epoch
+        state.epoch = epoch
+        if rank == 0:
+            metrics_log.append(metrics)
+
+        with tempfile.TemporaryDirectory(prefix="topk-ckpt-") as directory:
+            if rank == 0:
+                save_training_state(
+                    directory, model=model, optimizer=optimizer, scheduler=scheduler, state=state
+                )
+            save_rng_state(directory, rank)
+            # Ray keeps None out of checkpoint scoring; report only numbers.
+            reported = {key: val for key, val in metrics.items() if val is not None}
+            ray.train.report(
+                reported,
+                checkpoint=ray.train.Checkpoint.from_directory(directory),
+                checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+            )
