@@ -1,27 +1,52 @@
-"""The data part of a training spec (owned by the data layer, jobs/data/)."""
+"""The data part of a training spec (owned by the data layer, jobs/data/). No torch import."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jobs.data.urls import check_url, expand_braces
 
 ShardSource = str | list[str]
 """Shard URLs: a brace pattern (`s3://b/train-{000..009}.tar`), a list of URLs, or the URL of a
-`dataset.json` (then the split named by the field is read from it)."""
+`dataset.json` or of the folder/prefix holding one (then the split named by the field is read
+from it; `.../dataset.json#test` picks another split)."""
 
 
 class AugmentSpec(BaseModel):
+    """Training augmentation (random resized crop, flip) and the normalisation of all inputs."""
+
     model_config = ConfigDict(extra="forbid")
 
     random_resized_crop: bool = True
     crop_scale_min: float = Field(0.35, gt=0.0, le=1.0)
     hflip: bool = True
-    mean: list[float] = Field(default_factory=lambda: [0.5])
-    std: list[float] = Field(default_factory=lambda: [0.5])
+    mean: list[float] = Field(default_factory=lambda: [0.5], min_length=1, max_length=3)
+    std: list[float] = Field(default_factory=lambda: [0.5], min_length=1, max_length=3)
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, std: list[float]) -> list[float]:
+        if any(s <= 0 for s in std):
+            raise ValueError("every std must be > 0")
+        return std
+
+
+def _check_source(source: ShardSource) -> ShardSource:
+    """Refuse `pipe:`, chained and non-allow-listed URLs and bad brace patterns, without I/O."""
+    urls = source if isinstance(source, list) else [source]
+    if not urls:
+        raise ValueError("empty list of shard URLs")
+    for url in urls:
+        for expanded in expand_braces(url.partition("#")[0]):
+            check_url(expanded)
+    return source
 
 
 class DataSpec(BaseModel):
+    """Where the shards are and how to turn them into batches (see jobs/data/pipeline.py)."""
+
     model_config = ConfigDict(extra="forbid")
 
     train: ShardSource
@@ -34,3 +59,18 @@ class DataSpec(BaseModel):
     samples_per_epoch: int | None = Field(None, ge=1)
     loader_workers: int = Field(2, ge=0, le=64)
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+
+    @field_validator("train", "val")
+    @classmethod
+    def _allowed_urls(cls, source: ShardSource | None) -> ShardSource | None:
+        return None if source is None else _check_source(source)
+
+    @model_validator(mode="after")
+    def _normalisation_matches_channels(self) -> DataSpec:
+        for name in ("mean", "std"):
+            values = getattr(self.augment, name)
+            if len(values) not in (1, self.channels):
+                raise ValueError(
+                    f"augment.{name} has {len(values)} values; give 1 or channels={self.channels}"
+                )
+        return self

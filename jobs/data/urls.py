@@ -1,0 +1,190 @@
+"""Our only way to data: URL checks against a protocol allow-list, brace expansion, and an opener.
+
+Every URL a user typed goes through `check_url` before any I/O: `pipe:` (which runs a shell
+command in other WebDataset readers), chained URLs (`simplecache::s3://...`) and any protocol
+outside the allow-list are refused with a `ValueError`. This module does not import torch: the
+service imports it to validate specs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import IO, Any
+
+ALLOWED_PROTOCOLS: frozenset[str] = frozenset({"file", "s3", "gs", "gcs", "https", "memory"})
+"""Protocols data and storage URLs may use. A URL without `scheme:` is a local path (`file`)."""
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
+_BRACE_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+# Local reads and remote reads differ in what a good buffer is: the OS caches local files, a
+# remote object store wants few large range requests.
+_LOCAL_BUFFER_BYTES = 1 << 20
+# Object stores list a prefix in one request; an https "listing" is an HTML page, so probe each.
+_LISTABLE_PROTOCOLS = frozenset({"s3", "gs", "gcs", "memory"})
+_REMOTE_BLOCK_BYTES = 8 << 20
+
+
+def url_protocol(url: str) -> str:
+    """The protocol of `url`: "file" for local paths, else the lower-cased scheme."""
+    match = _SCHEME.match(url)
+    if match is None or (len(match.group(1)) == 1 and os.name == "nt"):
+        return "file"
+    return match.group(1).lower()
+
+
+def is_local(url: str) -> bool:
+    return url_protocol(url) == "file"
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def check_url(
+    url: str,
+    allowed_protocols: frozenset[str] | set[str] | tuple[str, ...] | list[str] = ALLOWED_PROTOCOLS,
+    allowed_roots: list[str] | tuple[str, ...] | None = None,
+) -> str:
+    """Validate `url` without touching it and return it normalized.
+
+    Local paths and `file://` URLs come back as absolute local paths (symlinks resolved);
+    other URLs come back stripped of surrounding whitespace. `allowed_roots`, when given,
+    restricts local paths to those folders (it does not apply to remote URLs).
+
+    Raises ValueError naming the URL and the reason: empty, `pipe:`, chained (`::`),
+    a protocol outside `allowed_protocols`, or a local path outside `allowed_roots`.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("empty URL")
+    url = url.strip()
+    if url.lower().startswith("pipe:"):
+        raise ValueError(
+            f"refused URL {url!r}: 'pipe:' URLs run shell commands and are not allowed"
+        )
+    if "::" in url:
+        raise ValueError(f"refused URL {url!r}: chained fsspec URLs ('::') are not allowed")
+    if "\x00" in url:
+        raise ValueError(f"refused URL {url!r}: contains a NUL byte")
+    protocol = url_protocol(url)
+    allowed = {p.lower() for p in allowed_protocols}
+    if protocol not in allowed:
+        raise ValueError(
+            f"refused URL {url!r}: protocol {protocol!r} is not allowed "
+            f"(allowed: {', '.join(sorted(allowed))})"
+        )
+    if protocol != "file":
+        if not url.lower().startswith(f"{protocol}://") or len(url) <= len(protocol) + 3:
+            raise ValueError(f"refused URL {url!r}: expected {protocol}://<location>")
+        return url
+    path = os.path.realpath(os.path.expanduser(_local_path(url)))
+    if allowed_roots:
+        roots = [os.path.realpath(os.path.expanduser(root)) for root in allowed_roots]
+        if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+            raise ValueError(
+                f"refused URL {url!r}: local path {path} is outside the allowed roots "
+                f"({', '.join(roots)})"
+            )
+    return path
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand shell-style braces: `a-{000..003}.tar` (zero padding kept) and `{train,val}`.
+
+    Several groups expand as a product, left to right. Raises ValueError on unbalanced braces
+    or an empty range.
+    """
+    start = pattern.find("{")
+    if start < 0:
+        if "}" in pattern:
+            raise ValueError(f"unbalanced '}}' in {pattern!r}")
+        return [pattern]
+    end = pattern.find("}", start)
+    if end < 0:
+        raise ValueError(f"unbalanced '{{' in {pattern!r}")
+    body, head, tail = pattern[start + 1 : end], pattern[:start], pattern[end + 1 :]
+    range_match = _BRACE_RANGE.match(body)
+    if range_match:
+        lo_text, hi_text = range_match.groups()
+        lo, hi = int(lo_text), int(hi_text)
+        if hi < lo:
+            raise ValueError(f"empty brace range {{{body}}} in {pattern!r}")
+        width = len(lo_text) if lo_text.startswith("0") and len(lo_text) > 1 else 0
+        choices = [str(i).zfill(width) for i in range(lo, hi + 1)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        raise ValueError(f"cannot expand {{{body}}} in {pattern!r}: use {{a..b}} or {{x,y}}")
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def join_url(base: str, relative: str) -> str:
+    """`relative` resolved against the folder/prefix URL `base` (absolute URLs pass through)."""
+    if url_protocol(relative) != "file" or relative.startswith("/"):
+        return relative
+    return base.rstrip("/") + "/" + relative
+
+
+def parent_url(url: str) -> str:
+    """The folder/prefix holding `url` (`s3://b/p/x.json` -> `s3://b/p`)."""
+    head, _, _ = url.rstrip("/").rpartition("/")
+    return head if head and not head.endswith(":/") else url
+
+
+def filesystem_for(url: str, **storage_options: Any) -> tuple[Any, str]:
+    """The fsspec filesystem and in-filesystem path for a checked URL."""
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(url, **storage_options)
+
+
+def open_url(url: str, mode: str = "rb", **storage_options: Any) -> IO[bytes]:
+    """Open a checked URL for streaming reads (or writes with mode "wb").
+
+    Call `check_url` first on anything a user typed. Local files use a plain buffered file; other
+    protocols go through fsspec with a read-ahead cache of large blocks. Raises
+    FileNotFoundError for a missing object (the message names the URL).
+    """
+    if is_local(url):
+        path = _local_path(url)
+        if "w" in mode:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            return open(path, mode, buffering=_LOCAL_BUFFER_BYTES)  # noqa: SIM115
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{url} does not exist") from None
+    fs, path = filesystem_for(url, **storage_options)
+    try:
+        if "r" in mode:
+            return fs.open(path, mode, block_size=_REMOTE_BLOCK_BYTES, cache_type="readahead")
+        return fs.open(path, mode)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} does not exist") from None
+
+
+def missing_urls(urls: list[str]) -> list[str]:
+    """The URLs in `urls` that do not exist, listing each folder once rather than probing each."""
+    missing: list[str] = []
+    by_parent: dict[str, list[str]] = {}
+    for url in urls:
+        by_parent.setdefault(parent_url(url), []).append(url)
+    for parent, members in by_parent.items():
+        if is_local(parent):
+            missing.extend(u for u in members if not os.path.isfile(_local_path(u)))
+            continue
+        fs, parent_path = filesystem_for(parent)
+        listed: set[str] | None = None
+        if url_protocol(parent) in _LISTABLE_PROTOCOLS:
+            try:
+                entries = fs.ls(parent_path, detail=False)
+                listed = {entry.rstrip("/").rpartition("/")[2] for entry in entries}
+            except (FileNotFoundError, NotImplementedError, OSError, ValueError):
+                listed = set()
+        for url in members:
+            name = url.rstrip("/").rpartition("/")[2]
+            if listed is not None:
+                if name not in listed:
+                    missing.append(url)
+            elif not fs.exists(filesystem_for(url)[1]):
+                missing.append(url)
+    return missing
