@@ -159,13 +159,17 @@ def resolve_class_counts(spec: SpecT, *, context: dict[str, Any] | None = None) 
 
 def dataset_location(train_source: str | list[str]) -> str:
     """Where the dataset.json of a train source lives: the source itself when it is a
-    dataset.json URL, else the folder/prefix of its (first) shard."""
+    dataset.json URL or a dataset folder, else the folder/prefix of its (first) shard."""
     from jobs.data.urls import parent_url
 
     first = train_source if isinstance(train_source, str) else train_source[0]
     if first.rstrip("/").endswith(".json"):
         return first
-    return parent_url(first.split("{", 1)[0] + "x")  # the folder above any brace pattern
+    if "{" in first:
+        return parent_url(first.split("{", 1)[0] + "x")  # the folder above the brace pattern
+    if isinstance(train_source, list) or first.endswith(".tar"):
+        return parent_url(first)
+    return first  # a dataset folder: read_dataset_info finds its dataset.json
 
 
 def _train_counts_from_dataset(spec: TrainSpec, context: dict[str, Any]) -> list[int]:
