@@ -163,6 +163,7 @@ def dataset_location(train_source: str | list[str]) -> str:
     from jobs.data.urls import parent_url
 
     first = train_source if isinstance(train_source, str) else train_source[0]
+    first = first.partition("#")[0]  # `dataset.json#split` names a split, not another file
     if first.rstrip("/").endswith(".json"):
         return first
     if "{" in first:

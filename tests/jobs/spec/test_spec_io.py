@@ -193,3 +193,4 @@ def test_dataset_location_of_each_source_form():
     assert dataset_location("s3://b/ds/dataset.json") == "s3://b/ds/dataset.json"
     assert dataset_location("s3://b/ds/train-{000..009}.tar") == "s3://b/ds"
     assert dataset_location(["/d/x/train-0.tar", "/d/x/train-1.tar"]) == "/d/x"
+    assert dataset_location("/d/x/dataset.json#test") == "/d/x/dataset.json"
