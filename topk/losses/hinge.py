@@ -1,0 +1,197 @@
+"""Top-K calibrated hinge losses: hard (Yang & Koyejo 2020) and stochastically smoothed
+(Garcin et al., ICML 2022), balanced and imbalanced.
+
+For scores s: [batch, classes] and labels y: [batch], with top_j the j-th largest entry of s
+(over all of s, s_y included):
+- TopKHingeLoss:            mean (1 + top_{k+1}(s) - s_y)_+
+- NoisedTopKLoss:           mean (1 + top_{k+1,eps}(s) - s_y)_+
+- NoisedTopKImbalancedLoss: mean scale * (m_y + top_{k+1,eps}(s) - s_y)_+ on cosine scores,
+  with LDAM margins m_y = max_m * (n_min / n_y)^(1/4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from topk.smoothing import check_sampler, smoothed_kth_largest, working_dtype
+from topk.validation import (
+    check_class_counts,
+    check_positive_float,
+    check_positive_int,
+    check_scores_labels,
+)
+
+
+def _label_scores(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """s_y: [batch] from scores [batch, classes] and labels [batch]."""
+    return scores.gather(1, labels.long().unsqueeze(1)).squeeze(1)
+
+
+def ldam_margins(class_counts: torch.Tensor, max_m: float) -> torch.Tensor:
+    """LDAM margins max_m * (n_min / n_y)^(1/4), n_min over the positive counts: [classes] float64.
+
+    A class with no training sample gets the largest margin, max_m (not the NaN or inf of a
+    division by zero).
+    """
+    positive = class_counts > 0
+    n_min = class_counts[positive].min()
+    margins = torch.full_like(class_counts, max_m)
+    margins[positive] = max_m * (n_min / class_counts[positive]) ** 0.25
+    return margins
+
+
+class TopKHingeLoss(nn.Module):
+    """The hard top-K calibrated hinge: mean over the batch of (1 + top_{k+1}(s) - s_y)_+.
+
+    forward(scores [batch, classes], labels [batch] int) -> scalar in the scores' dtype.
+    The generator argument is accepted for a uniform interface and ignored. Raises ValueError
+    for bad shapes, k + 1 > classes, labels out of range or non-finite scores.
+    """
+
+    needs_cosine_head = False
+    needs_class_counts = False
+
+    def __init__(self, *, k: int = 5) -> None:
+        super().__init__()
+        self.k = check_positive_int("k", k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+    def forward(
+        self,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        check_scores_labels(scores, labels, k=self.k)
+        work = scores.to(working_dtype(scores.dtype))
+        kth = torch.topk(work, self.k + 1, dim=1).values[:, self.k]
+        hinge = (1.0 + kth - _label_scores(work, labels)).clamp_min(0.0)
+        return hinge.mean().to(scores.dtype)
+
+
+class NoisedTopKLoss(nn.Module):
+    """The balanced smoothed top-K hinge: mean over the batch of (1 + top_{k+1,eps}(s) - s_y)_+.
+
+    top_{k+1,eps} is the Monte-Carlo smoothed (k+1)-th largest score over `n_samples` Gaussian
+    draws of scale `epsilon` (topk.smoothing). forward(scores [batch, classes], labels [batch]
+    int, generator=None) -> scalar in the scores' dtype; the noise comes from `generator` (a
+    torch.Generator on the scores' device) or the device's default generator. sampler: "full"
+    or "lazy" (exact lazy sampling, same distribution). Raises ValueError for bad arguments,
+    bad shapes, k + 1 > classes, labels out of range or non-finite scores.
+    """
+
+    needs_cosine_head = False
+    needs_class_counts = False
+
+    def __init__(
+        self,
+        *,
+        k: int = 5,
+        epsilon: float = 1.0,
+        n_samples: int = 5,
+        sampler: str = "full",
+    ) -> None:
+        super().__init__()
+        self.k = check_positive_int("k", k)
+        self.epsilon = check_positive_float("epsilon", epsilon)
+        self.n_samples = check_positive_int("n_samples", n_samples)
+        self.sampler = check_sampler(sampler)
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, epsilon={self.epsilon}, n_samples={self.n_samples}, "
+            f"sampler={self.sampler!r}"
+        )
+
+    def forward(
+        self,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        check_scores_labels(scores, labels, k=self.k)
+        work = scores.to(working_dtype(scores.dtype))
+        kth = smoothed_kth_largest(
+            work,
+            self.k + 1,
+            epsilon=self.epsilon,
+            n_samples=self.n_samples,
+            generator=generator,
+            sampler=self.sampler,
+        )
+        hinge = (1.0 + kth - _label_scores(work, labels)).clamp_min(0.0)
+        return hinge.mean().to(scores.dtype)
+
+
+class NoisedTopKImbalancedLoss(nn.Module):
+    """The imbalanced smoothed top-K hinge on cosine scores:
+    mean over the batch of scale * (m_y + top_{k+1,eps}(s) - s_y)_+.
+
+    scores are cosine similarities in [-1, 1] (a normalized head); `scale` is applied here.
+    class_counts: the per-class training counts (required), giving the LDAM margins
+    m_y = max_m * (n_min / n_y)^(1/4); a class with zero count gets max_m. forward as in
+    NoisedTopKLoss; scores must have len(class_counts) classes. Raises ValueError for bad
+    arguments or input.
+    """
+
+    needs_cosine_head = True
+    needs_class_counts = True
+
+    margins: torch.Tensor
+
+    def __init__(
+        self,
+        *,
+        k: int = 5,
+        epsilon: float = 0.01,
+        n_samples: int = 5,
+        max_m: float = 0.2,
+        scale: float = 60.0,
+        class_counts: list[int] | None = None,
+        sampler: str = "full",
+    ) -> None:
+        super().__init__()
+        self.k = check_positive_int("k", k)
+        self.epsilon = check_positive_float("epsilon", epsilon)
+        self.n_samples = check_positive_int("n_samples", n_samples)
+        self.max_m = check_positive_float("max_m", max_m, allow_zero=True)
+        self.scale = check_positive_float("scale", scale)
+        self.sampler = check_sampler(sampler)
+        counts = check_class_counts("class_counts", class_counts)
+        if self.k + 1 > counts.numel():
+            raise ValueError(
+                f"k + 1 = {self.k + 1} exceeds the number of classes ({counts.numel()})"
+            )
+        self.num_classes = counts.numel()
+        # float64 so that float64 scores get exact margins; cast to the scores' dtype in forward
+        self.register_buffer("margins", ldam_margins(counts, self.max_m))
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, epsilon={self.epsilon}, n_samples={self.n_samples}, "
+            f"max_m={self.max_m}, scale={self.scale}, num_classes={self.num_classes}, "
+            f"sampler={self.sampler!r}"
+        )
+
+    def forward(
+        self,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        check_scores_labels(scores, labels, k=self.k, num_classes=self.num_classes)
+        work = scores.to(working_dtype(scores.dtype))
+        kth = smoothed_kth_largest(
+            work,
+            self.k + 1,
+            epsilon=self.epsilon,
+            n_samples=self.n_samples,
+            generator=generator,
+            sampler=self.sampler,
+        )
+        margin = self.margins.to(device=work.device, dtype=work.dtype)[labels.long()]
+        hinge = (margin + kth - _label_scores(work, labels)).clamp_min(0.0)
+        return (self.scale * hinge).mean().to(scores.dtype)
