@@ -1,0 +1,133 @@
+"""Top-K accuracy and macro-average top-K accuracy from per-class counts.
+
+Counts (not rates) are what DDP ranks exchange: sum `TopKCounts.to_tensor()` with an all-reduce,
+rebuild with `TopKCounts.from_tensor`, then read the rates. Ties are counted against the model: a
+sample is a top-k hit when fewer than k other classes score at least as high as its label, so
+constant scores never look accurate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from topk.validation import check_positive_int, check_scores_labels
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(ks, int) or len(ks) == 0:
+        raise ValueError(f"ks must be a non-empty list of positive integers, got {ks!r}")
+    checked = tuple(check_positive_int("k in ks", k) for k in ks)
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"ks must not repeat a value, got {list(ks)}")
+    return checked
+
+
+@dataclass(frozen=True)
+class TopKCounts:
+    """Per-class top-k hit counts for several k, and per-class support.
+
+    ks: the k values; hits: int64 [len(ks), num_classes], hits[i, c] = samples of class c whose
+    label is in the top ks[i]; support: int64 [num_classes], samples of each class.
+    """
+
+    ks: tuple[int, ...]
+    hits: torch.Tensor
+    support: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_classes: int, ks: Sequence[int]) -> TopKCounts:
+        """Empty counts to accumulate into with `+`."""
+        ks = _check_ks(ks)
+        num_classes = check_positive_int("num_classes", num_classes)
+        return cls(
+            ks,
+            torch.zeros(len(ks), num_classes, dtype=torch.int64),
+            torch.zeros(num_classes, dtype=torch.int64),
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return self.support.numel()
+
+    def __add__(self, other: TopKCounts) -> TopKCounts:
+        if not isinstance(other, TopKCounts):
+            return NotImplemented
+        if other.ks != self.ks or other.num_classes != self.num_classes:
+            raise ValueError(
+                f"cannot add counts for ks={list(other.ks)}, {other.num_classes} classes to "
+                f"counts for ks={list(self.ks)}, {self.num_classes} classes"
+            )
+        hits = self.hits + other.hits.to(self.hits.device)
+        return TopKCounts(self.ks, hits, self.support + other.support.to(self.support.device))
+
+    def to(self, device: torch.device | str) -> TopKCounts:
+        return TopKCounts(self.ks, self.hits.to(device), self.support.to(device))
+
+    def to_tensor(self) -> torch.Tensor:
+        """int64 [len(ks) + 1, num_classes]: support in row 0, then hits; sum it across ranks."""
+        return torch.cat([self.support[None], self.hits])
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor, ks: Sequence[int]) -> TopKCounts:
+        """Inverse of to_tensor (e.g. after an all-reduce sum)."""
+        ks = _check_ks(ks)
+        if tensor.ndim != 2 or tensor.shape[0] != len(ks) + 1:
+            raise ValueError(
+                f"expected a tensor of shape [{len(ks) + 1}, num_classes], got {tuple(tensor.shape)}"
+            )
+        tensor = tensor.to(torch.int64)
+        return cls(ks, tensor[1:].clone(), tensor[0].clone())
+
+    def _row(self, k: int) -> int:
+        try:
+            return self.ks.index(k)
+        except ValueError:
+            raise ValueError(f"k={k} was not counted; counted ks: {list(self.ks)}") from None
+
+    def accuracy(self, k: int) -> float:
+        """Fraction of all samples whose label is in the top k; NaN when there are none."""
+        total = int(self.support.sum())
+        if total == 0:
+            return float("nan")
+        return int(self.hits[self._row(k)].sum()) / total
+
+    def macro_accuracy(self, k: int) -> float:
+        """Mean over classes with support > 0 of the per-class top-k recall; NaN if none."""
+        row = self._row(k)
+        present = self.support > 0
+        if not bool(present.any()):
+            return float("nan")
+        recall = self.hits[row][present].double() / self.support[present].double()
+        return float(recall.mean())
+
+    def to_metrics(self, prefix: str = "") -> dict[str, float]:
+        """{prefix + "top{k}": accuracy, prefix + "macro_top{k}": macro accuracy} for every k."""
+        metrics = {}
+        for k in self.ks:
+            metrics[f"{prefix}top{k}"] = self.accuracy(k)
+            metrics[f"{prefix}macro_top{k}"] = self.macro_accuracy(k)
+        return metrics
+
+
+def topk_counts(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> TopKCounts:
+    """Count top-k hits per class: scores [batch, num_classes], labels [batch] int.
+
+    A k at least num_classes counts every sample as a hit. The counts live on the scores' device.
+    Raises ValueError for bad shapes, out-of-range labels, non-finite scores or bad ks.
+    """
+    ks = _check_ks(ks)
+    check_scores_labels(scores, labels)
+    num_classes = scores.shape[1]
+    with torch.no_grad():
+        true_scores = scores.gather(1, labels[:, None])
+        # Other classes at least as high as the label (ties count against the model).
+        rank = (scores >= true_scores).sum(dim=1) - 1
+        k_column = torch.tensor(ks, device=scores.device)[:, None]
+        is_hit = (rank[None, :] < k_column).to(torch.int64)  # [len(ks), batch]
+        hits = torch.zeros(len(ks), num_classes, dtype=torch.int64, device=scores.device)
+        hits.index_add_(1, labels, is_hit)
+        support = torch.bincount(labels, minlength=num_classes)
+    return TopKCounts(ks, hits, support)
