@@ -153,7 +153,7 @@ def plan_readers(
     if len(order) >= num_slots:
         loads = [0] * num_slots
         for shard in order:
-            slot = min(range(num_slots), key=lambda s: (loads[s], s))
+            slot = min(range(num_slots), key=lambda s: (loads[s], len(plan[s]), s))
             plan[slot].append(ReaderTask(shard))
             loads[slot] += sizes[shard] if sizes is not None else 1
         return plan
