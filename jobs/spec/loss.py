@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-ClassCounts = list[Annotated[int, Field(ge=0)]]
+ClassCounts = list[Annotated[StrictInt, Field(ge=0)]]
 """Per-class training sample counts, indexed by label."""
 
 
@@ -76,9 +76,9 @@ class LogitAdjustedLossSpec(ClassCountsMixin, LossSpecBase):
 
 class NoisedTopKLossSpec(LossSpecBase):
     name: Literal["noised_topk"] = "noised_topk"
-    k: int = Field(5, ge=1)
+    k: StrictInt = Field(5, ge=1)
     epsilon: float = Field(1.0, gt=0.0)
-    n_samples: int = Field(5, ge=1)
+    n_samples: StrictInt = Field(5, ge=1)
     sampler: Literal["full", "lazy"] = "full"
 
 
@@ -87,9 +87,9 @@ class NoisedTopKImbalancedLossSpec(ClassCountsMixin, LossSpecBase):
     needs_class_counts: ClassVar[bool] = True
 
     name: Literal["noised_topk_imbalanced"] = "noised_topk_imbalanced"
-    k: int = Field(5, ge=1)
+    k: StrictInt = Field(5, ge=1)
     epsilon: float = Field(0.01, gt=0.0)
-    n_samples: int = Field(5, ge=1)
+    n_samples: StrictInt = Field(5, ge=1)
     max_m: float = Field(0.2, ge=0.0)
     scale: float = Field(60.0, gt=0.0)
     sampler: Literal["full", "lazy"] = "full"
@@ -97,12 +97,12 @@ class NoisedTopKImbalancedLossSpec(ClassCountsMixin, LossSpecBase):
 
 class TopKHingeLossSpec(LossSpecBase):
     name: Literal["topk_hinge"] = "topk_hinge"
-    k: int = Field(5, ge=1)
+    k: StrictInt = Field(5, ge=1)
 
 
 class SmoothTopKSVMLossSpec(LossSpecBase):
     name: Literal["smooth_topk_svm"] = "smooth_topk_svm"
-    k: int = Field(5, ge=1)
+    k: StrictInt = Field(5, ge=1)
     tau: float = Field(0.1, gt=0.0)
     alpha: float = Field(1.0, gt=0.0)
 

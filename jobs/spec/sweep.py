@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     model_validator,
@@ -79,7 +80,7 @@ class SchedulerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: Literal["asha", "fifo"] = "asha"
-    grace_period: int = Field(1, ge=1)
+    grace_period: StrictInt = Field(1, ge=1)
     """Epochs every trial runs before ASHA may stop it."""
     reduction_factor: float = Field(2.0, gt=1.0)
 
@@ -93,9 +94,9 @@ class SweepSpec(BaseModel):
     search: dict[str, Domain] = Field(min_length=1)
     metric: str = "val_top5"
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(1, ge=1, le=10_000)
+    num_samples: StrictInt = Field(1, ge=1, le=10_000)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
-    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_concurrent_trials: StrictInt | None = Field(None, ge=1)
     """None -> as many as the cluster's resources fit."""
 
     @model_validator(mode="after")
@@ -178,31 +179,33 @@ def _domain_problems(
     """Problems with searching `path` over `domain`, named `search.<path>...`."""
     where = f"search.{path}"
     spec = train.model_dump()
-    if _parent_of(spec, path)[0] is None:
+    parent, key = _parent_of(spec, path)
+    if parent is None:
         return [(where, _missing_path_message(spec, path))]
     if domain.grid is not None or domain.choice is not None:
         values = domain.grid if domain.grid is not None else domain.choice
-        trials = [(f"{where}.{domain.kind}[{i}]", value) for i, value in enumerate(values)]
-    else:
-        lo, hi = domain.uniform or domain.loguniform
-        trials = [(f"{where}.{domain.kind}[0]", lo), (f"{where}.{domain.kind}[1]", hi)]
+        problems = []
+        for i, value in enumerate(values):
+            problems += _value_problems(train, path, value, f"{where}.{domain.kind}[{i}]", context)
+        return problems
+    lo, hi = domain.uniform or domain.loguniform
+    # Tune draws real numbers in the range: probe one that is not an integer, besides the bounds.
+    probe = lo + (hi - lo) / math.pi
+    current = parent[key]
+    takes_reals = not isinstance(current, int) or isinstance(current, bool)
     problems = []
-    for trial_path, value in trials:
-        problems += _value_problems(train, path, value, trial_path, context)
-    if not problems and domain.kind in ("uniform", "loguniform"):
-        # The bounds may be integral while the samples are not: probe an interior real number.
-        lo, hi = domain.uniform or domain.loguniform
-        probe = lo + (hi - lo) / math.pi
-        if not _value_problems(train, path, probe, where, context):
-            return []
-        return [
-            (
-                where,
-                f"{domain.kind} draws real numbers (like {probe:g}) that {path} does not take; "
-                "for an integer field use grid or choice",
-            )
-        ]
-    return problems
+    if takes_reals:
+        for i, bound in enumerate((lo, hi)):
+            problems += _value_problems(train, path, bound, f"{where}.{domain.kind}[{i}]", context)
+        if problems or not _value_problems(train, path, probe, where, context):
+            return problems
+    return [
+        (
+            where,
+            f"{domain.kind} draws real numbers (like {probe:g}) that {path} does not take; "
+            "for an integer field use grid or choice",
+        )
+    ]
 
 
 def _value_problems(

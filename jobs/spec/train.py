@@ -16,7 +16,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from jobs.spec.data import DataSpec
 from jobs.spec.loss import LossSpec, NoisedTopKLossSpec
@@ -112,18 +120,20 @@ class ScheduleSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: Literal["cosine", "step", "constant"] = "cosine"
-    step_size: int = Field(30, ge=1)
+    step_size: StrictInt = Field(30, ge=1)
     """Epochs between two decays of the `step` schedule."""
     gamma: float = Field(0.1, gt=0.0, le=1.0)
     """The `step` schedule's decay factor."""
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: StrictInt = Field(0, ge=0)
     """Linear warmup from lr/10 over this many epochs, then the schedule."""
 
 
 class MetricsSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5], min_length=1)
+    ks: list[Annotated[StrictInt, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 5], min_length=1
+    )
     """The K of every top-K and macro-average top-K accuracy reported on the validation split."""
     select: str = "val_top5"
     """The metric key the best checkpoint is chosen by (the paper: val_macro_top5 on Pl@ntNet)."""
@@ -140,7 +150,7 @@ class MetricsSpec(BaseModel):
 class ScalingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    num_workers: int = Field(1, ge=1, le=1024)
+    num_workers: StrictInt = Field(1, ge=1, le=1024)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, gt=0.0)
@@ -150,7 +160,7 @@ class ScalingSpec(BaseModel):
 class CheckpointSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    keep_last: int = Field(2, ge=1)
+    keep_last: StrictInt = Field(2, ge=1)
     """Latest checkpoints kept besides the best one."""
 
 
@@ -165,19 +175,19 @@ class TrainSpec(BaseModel):
     loss: LossSpec = Field(default_factory=NoisedTopKLossSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    epochs: int = Field(10, ge=1, le=100_000)
-    batch_size: int = Field(64, ge=1, le=1_000_000)
+    epochs: StrictInt = Field(10, ge=1, le=100_000)
+    batch_size: StrictInt = Field(64, ge=1, le=1_000_000)
     """Per worker."""
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     storage: str | None = None
     """fsspec URL of the runs root; None -> the runtime's default."""
-    max_failures: int = Field(0, ge=-1)
+    max_failures: StrictInt = Field(0, ge=-1)
     """Worker failures Ray Train recovers from (from the last checkpoint); -1 = unlimited."""
     amp: bool = True
     """Mixed precision; used on GPU only."""
-    seed: int = Field(0, ge=0)
+    seed: StrictInt = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check_cross_fields(self, info: ValidationInfo) -> TrainSpec:

@@ -190,3 +190,13 @@ def test_importing_the_spec_modules_does_not_import_torch_or_ray():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_integers_are_not_guessed_from_booleans_strings_or_reals():
+    lines = problems_of(
+        spec_dict(epochs=True, batch_size="64", seed=1.5, loss={"name": "noised_topk", "k": 2.0})
+    )
+    assert [line.split(":")[0] for line in lines] == ["loss.k", "epochs", "batch_size", "seed"]
+    assert all("Input should be a valid integer" in line for line in lines)
+    # Reals stay lenient: YAML 1.1 reads `1e-3` (no dot) as a string, and people write it.
+    assert parse_train_spec(spec_dict(optim={"lr": "1e-3"})).optim.lr == 0.001
