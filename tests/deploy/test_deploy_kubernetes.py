@@ -281,6 +281,14 @@ def test_every_container_is_hardened_and_bounded(rendered):
             assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), where
 
 
+def test_the_autoscaler_sidecar_is_hardened_and_bounded(rendered):
+    options = raycluster(rendered)["spec"]["autoscalerOptions"]
+    context = options["securityContext"]
+    assert context["runAsNonRoot"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert "memory" in options["resources"]["limits"]
+
+
 def test_only_the_pods_that_talk_to_kubernetes_get_a_token(rendered):
     # Ray workers never call the Kubernetes API; the head keeps its token for the autoscaler.
     for template in pod_templates(rendered):
