@@ -79,6 +79,12 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"{args.spec}: invalid spec ({len(lines)} problem(s)):", file=sys.stderr)
         for line in lines:
             print(f"  {line}", file=sys.stderr)
+        if any(line.startswith("loss.class_counts: ") for line in lines) and not args.no_resolve:
+            print(
+                "hint: make the dataset first (`topk shards build ...`), or check the structure "
+                "only with --no-resolve",
+                file=sys.stderr,
+            )
         return 1
     if args.print_spec:
         print(json.dumps(spec.model_dump(mode="json"), indent=2))

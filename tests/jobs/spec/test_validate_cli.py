@@ -65,9 +65,9 @@ def test_class_counts_are_resolved_unless_told_not_to(tmp_path, capsys):
         VALID.replace("{name: noised_topk, k: 3, epsilon: 0.5}", "{name: ldam}"),
     )
     assert topk_main(["validate", path]) == 1
-    assert "loss.class_counts: loss 'ldam' needs the per-class training counts" in (
-        capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "loss.class_counts: loss 'ldam' needs the per-class training counts" in err
+    assert "--no-resolve" in err.splitlines()[-1]
     assert topk_main(["validate", "--no-resolve", path]) == 0
     assert "ldam(max_m=0.2, scale=40.0)" in capsys.readouterr().out
 
