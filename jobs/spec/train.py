@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from jobs.spec.data import DataSpec
-from jobs.spec.loss import LossSpec, NoisedTopKLossSpec
+from jobs.spec.loss import LOSS_SPECS, LossSpec, NoisedTopKLossSpec
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Run names become storage folder names and Ray run names: no slashes, no leading dot."""
@@ -141,10 +141,10 @@ class MetricsSpec(BaseModel):
 
     @field_validator("ks")
     @classmethod
-    def _unique_sorted(cls, ks: list[int]) -> list[int]:
+    def _distinct(cls, ks: list[int]) -> list[int]:
         if len(set(ks)) != len(ks):
             raise ValueError(f"values must be distinct, got {ks}")
-        return sorted(ks)
+        return ks  # in the user's order, so that error paths like metrics.ks[1] point right
 
 
 class ScalingSpec(BaseModel):
@@ -232,9 +232,10 @@ class TrainSpec(BaseModel):
                 "it needs cosine_head true (or unset)"
             )
         else:
+            takers = ", ".join(name for name, spec in LOSS_SPECS.items() if spec.needs_cosine_head)
             message = (
                 "a cosine head gives scores in [-1, 1] and only the losses that apply their own "
-                "scale take it (ldam, noised_topk_imbalanced): set cosine_head false (or unset)"
+                f"scale take it ({takers}): set cosine_head false (or unset)"
             )
         return [("model.cosine_head", message)]
 

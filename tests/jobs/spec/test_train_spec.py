@@ -57,7 +57,7 @@ def test_every_cross_field_problem_is_reported_at_once():
         "loss.class_counts: has 3 counts but data.num_classes = 4",
         "model.cosine_head: loss 'ldam' applies its margins and scale to cosine scores: "
         "it needs cosine_head true (or unset)",
-        "metrics.ks[2]: top-5 accuracy needs k <= data.num_classes = 4",  # ks come back sorted
+        "metrics.ks[1]: top-5 accuracy needs k <= data.num_classes = 4",
         "schedule.warmup_epochs: 2 warmup epochs leave no epoch to train (epochs = 2)",
         "optim.nesterov: only SGD has Nesterov momentum, not adamw",
     ]
