@@ -2,7 +2,7 @@
 
 Every loss takes scores [batch, num_classes] and integer labels [batch] and returns the scalar mean
 over the batch. Half-precision and bfloat16 scores are computed in float32 and the result is
-returned in the input's dtype. The losses are deterministic: `generator` is accepted for a uniform
+returned in the input's dtype. float64 stays float64. The losses are deterministic: `generator` is accepted for a uniform
 call signature across the registry and ignored.
 """
 
@@ -15,8 +15,13 @@ from torch import nn
 from topk.validation import check_class_counts, check_positive_float, check_scores_labels
 
 
+def _upcast(scores: torch.Tensor) -> torch.Tensor:
+    """Half-precision scores in float32; float32 and float64 unchanged."""
+    return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+
+
 def ldam_margins(class_counts: torch.Tensor, max_m: float) -> torch.Tensor:
-    """Per-class LDAM margins m_j = max_m * (n_min / n_j)^(1/4) (Cao et al. 2019), float32 [C].
+    """Per-class LDAM margins m_j = max_m * (n_min / n_j)^(1/4) (Cao et al. 2019), float64 [C].
 
     n_min is the smallest positive count, so the rarest seen class gets max_m. A class with zero
     training samples is rarer than any seen one and also gets max_m (never inf or NaN).
@@ -26,11 +31,11 @@ def ldam_margins(class_counts: torch.Tensor, max_m: float) -> torch.Tensor:
     n_min = counts[positive].min()
     margins = torch.full_like(counts, max_m)
     margins[positive] = max_m * (n_min / counts[positive]) ** 0.25
-    return margins.to(torch.float32)
+    return margins
 
 
 def log_class_prior(class_counts: torch.Tensor) -> torch.Tensor:
-    """log of the training class prior, float32 [C], finite even for zero-count classes.
+    """log of the training class prior, float64 [C], finite even for zero-count classes.
 
     A zero count is floored at half the smallest positive count: such a class gets the most
     negative adjustment, without the -inf that log(0) would put into the logits.
@@ -38,7 +43,7 @@ def log_class_prior(class_counts: torch.Tensor) -> torch.Tensor:
     counts = class_counts.to(torch.float64)
     floor = 0.5 * counts[counts > 0].min()
     floored = counts.clamp(min=floor)
-    return (floored / floored.sum()).log().to(torch.float32)
+    return (floored / floored.sum()).log()
 
 
 class CrossEntropyLoss(nn.Module):
@@ -54,7 +59,7 @@ class CrossEntropyLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         check_scores_labels(scores, labels)
-        return F.cross_entropy(scores.float(), labels).to(scores.dtype)
+        return F.cross_entropy(_upcast(scores), labels).to(scores.dtype)
 
 
 class FocalLoss(nn.Module):
@@ -80,10 +85,10 @@ class FocalLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         check_scores_labels(scores, labels)
-        log_p_true = F.log_softmax(scores.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
+        log_p_true = F.log_softmax(_upcast(scores), dim=1).gather(1, labels[:, None]).squeeze(1)
         # 1 - p_y through expm1 keeps precision when p_y is close to 1; the floor keeps the
         # gradient of x^gamma finite (it is inf at x = 0 for gamma < 1) where p_y rounds to 1.
-        miss = (-torch.expm1(log_p_true)).clamp(min=torch.finfo(torch.float32).tiny)
+        miss = (-torch.expm1(log_p_true)).clamp(min=torch.finfo(log_p_true.dtype).tiny)
         loss = -(miss**self.gamma) * log_p_true
         return loss.mean().to(scores.dtype)
 
@@ -125,9 +130,9 @@ class LDAMLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         check_scores_labels(scores, labels, num_classes=self.num_classes)
-        margins = self.margins.to(scores.device)[labels]
+        scores32 = _upcast(scores)
+        margins = self.margins.to(scores.device, scores32.dtype)[labels]
         true_class = F.one_hot(labels, self.num_classes).to(torch.bool)
-        scores32 = scores.float()
         shifted = torch.where(true_class, scores32 - margins[:, None], scores32)
         return F.cross_entropy(self.scale * shifted, labels).to(scores.dtype)
 
@@ -160,5 +165,6 @@ class LogitAdjustedLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         check_scores_labels(scores, labels, num_classes=self.num_classes)
-        adjusted = scores.float() + self.tau * self.log_prior.to(scores.device)
+        upcast = _upcast(scores)
+        adjusted = upcast + self.tau * self.log_prior.to(scores.device, upcast.dtype)
         return F.cross_entropy(adjusted, labels).to(scores.dtype)
