@@ -27,6 +27,10 @@ from jobs.spec.train import SpecError, TrainSpec, format_path
 MAX_SPEC_FILE_BYTES = 1 << 20
 """A spec is a page of YAML; anything larger is a mistake (or an attack on the parser)."""
 
+MAX_SPEC_NODES = 100_000
+"""Values in a loaded document, counting each use of a YAML alias: a few nested aliases (the
+"billion laughs") would otherwise expand into billions of values during validation."""
+
 _ROOT_MODELS: dict[str, type[BaseModel]] = {"TrainSpec": TrainSpec, "SweepSpec": SweepSpec}
 # Loc entries that pydantic adds for the members of a plain (non-discriminated) union.
 _UNION_MEMBER_TAGS = frozenset({"str", "int", "float", "bool", "none", "list[str]", "list[int]"})
@@ -78,7 +82,25 @@ def parse_spec_text(text: str, *, source: str = "spec", is_json: bool = False) -
     if not isinstance(document, dict):
         kind = "empty" if document is None else f"a {type(document).__name__}"
         raise SpecFileError(f"{source}: a spec must be a mapping of fields, this file is {kind}")
+    if _exceeds_node_count(document, MAX_SPEC_NODES):
+        raise SpecFileError(f"{source}: more than {MAX_SPEC_NODES} values once aliases expand")
     return document
+
+
+def _exceeds_node_count(document: Any, limit: int) -> bool:
+    """Whether `document` holds more than `limit` values; stops counting at the limit."""
+    pending, seen = [document], 0
+    while pending:
+        node = pending.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(node, dict):
+            pending.extend(node.keys())
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return False
 
 
 def load_spec_file(path_or_url: str, **url_limits: Any) -> dict[str, Any]:

@@ -194,3 +194,16 @@ def test_dataset_location_of_each_source_form():
     assert dataset_location("s3://b/ds/train-{000..009}.tar") == "s3://b/ds"
     assert dataset_location(["/d/x/train-0.tar", "/d/x/train-1.tar"]) == "/d/x"
     assert dataset_location("/d/x/dataset.json#test") == "/d/x/dataset.json"
+
+
+def test_alias_bombs_are_refused_before_validation(tmp_path):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 9):
+        levels.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 10) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(levels) + "\n")
+    with pytest.raises(SpecFileError, match="values once aliases expand"):
+        load_spec_file(str(path))
+    # A modest use of anchors is fine.
+    path.write_text("base: &base {lr: 0.1}\noptim: *base\n")
+    assert load_spec_file(str(path))["optim"] == {"lr": 0.1}

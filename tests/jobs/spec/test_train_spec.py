@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from jobs.spec.io import format_validation_error, parse_train_spec
@@ -200,3 +202,25 @@ def test_integers_are_not_guessed_from_booleans_strings_or_reals():
     assert all("Input should be a valid integer" in line for line in lines)
     # Reals stay lenient: YAML 1.1 reads `1e-3` (no dot) as a string, and people write it.
     assert parse_train_spec(spec_dict(optim={"lr": "1e-3"})).optim.lr == 0.001
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_classes=st.integers(2, 5000),
+    k=st.integers(1, 6000),
+    name=st.sampled_from(
+        ["noised_topk", "noised_topk_imbalanced", "topk_hinge", "smooth_topk_svm"]
+    ),
+)
+def test_the_k_rule_holds_for_every_loss_with_k(num_classes, k, name):
+    raw = spec_dict(
+        num_classes=num_classes,
+        loss={"name": name, "k": k},
+        metrics={"ks": [1], "select": "val_top1"},
+    )
+    if k + 1 <= num_classes:
+        assert parse_train_spec(raw).loss.k == k
+    else:
+        assert problems_of(raw) == [
+            f"loss.k: k + 1 = {k + 1} exceeds data.num_classes = {num_classes}"
+        ]
