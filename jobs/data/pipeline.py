@@ -290,8 +290,7 @@ class _ShardStream(IterableDataset):
             if self.train:
                 assert self.steps is not None
                 quota = self.steps // num_workers + (worker_id < self.steps % num_workers)
-                samples = self._shuffled(self._cycled(tasks, rng), rng)
-                yield from self._batches(samples, rng, quota)
+                yield from self._batches(self._cycled(tasks, rng), rng, quota)
             else:
                 yield from self._batches(self._read_tasks(tasks), rng, None)
         except DataPipelineError as exc:
@@ -363,12 +362,14 @@ class _ShardStream(IterableDataset):
     def _cycled(
         self, tasks: list[ReaderTask], rng: random.Random
     ) -> Iterator[tuple[RawSample, _ShardTally]]:
-        """This slot's shards over and over (reshuffled after the first pass) for training."""
+        """This slot's shards, shuffled, over and over (shard order reshuffled after the first
+        pass) for training. The shuffle buffer empties at the end of each pass, so a pass never
+        holds a sample twice however small the data."""
         if not tasks:
             return
         while True:
             good = 0
-            for item in self._read_tasks(tasks):
+            for item in self._shuffled(self._read_tasks(tasks), rng):
                 good += 1
                 yield item
             if good == 0:

@@ -56,6 +56,22 @@ class BadRecord:
     detail: str = ""
 
 
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Records on the archive how its member list ended: `tarfile` in stream mode ends quietly
+    both at the end-of-archive zero block and at a cut-off header; only the first is a whole tar."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:
+            archive.topk_complete = True  # type: ignore[attr-defined]
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            archive.topk_complete = False  # type: ignore[attr-defined]
+            raise
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """`dir/abc.seg.png` -> ("dir/abc", "seg.png"): the key ends at the first dot of the basename."""
     folder, _, base = name.rpartition("/")
@@ -85,7 +101,9 @@ def read_shard_records(
     members: dict[str, bytes] = {}
     split_key = False
     try:
-        archive = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (closed below)
+        archive = tarfile.open(  # noqa: SIM115 (closed below)
+            fileobj=stream, mode="r|*", tarinfo=_EndCheckingTarInfo
+        )
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         if offset == 0:
             yield BadRecord("", 0, "truncated_tar", f"not a readable tar archive ({exc})")
@@ -143,6 +161,11 @@ def read_shard_records(
         return
     except OSError as exc:
         raise ShardReadError(f"reading failed: {exc}") from exc
+    if not getattr(archive, "topk_complete", True):
+        # Cut at a member boundary: the last group may have lost members, so it is not used.
+        if offset == 0:
+            yield BadRecord(key or "", max(index, 0), "truncated_tar", "archive ends early")
+        return
     record = finish_group()
     if record is not None:
         yield record
