@@ -89,10 +89,11 @@ class TopKCounts:
 
     def accuracy(self, k: int) -> float:
         """Fraction of all samples whose label is in the top k; NaN when there are none."""
+        row = self._row(k)
         total = int(self.support.sum())
         if total == 0:
             return float("nan")
-        return int(self.hits[self._row(k)].sum()) / total
+        return int(self.hits[row].sum()) / total
 
     def macro_accuracy(self, k: int) -> float:
         """Mean over classes with support > 0 of the per-class top-k recall; NaN if none."""
