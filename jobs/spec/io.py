@@ -128,7 +128,8 @@ def load_spec_file(path_or_url: str, **url_limits: Any) -> dict[str, Any]:
 
 
 def is_sweep_document(raw: Mapping[str, Any]) -> bool:
-    """A sweep spec has `train` and `search` at the top; a training spec has `data`."""
+    """A sweep spec has `train` and `search` at the top (either one is enough to tell it from a
+    training spec, which has `data`)."""
     return "search" in raw or "train" in raw
 
 

@@ -18,9 +18,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictInt,
     ValidationError,
     ValidationInfo,
+    model_serializer,
     model_validator,
 )
 
@@ -58,6 +60,11 @@ class Domain(BaseModel):
             if self.loguniform is not None and lo <= 0:
                 raise ValueError(f"loguniform needs lo > 0, got {lo}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _only_the_given_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # {"grid": [...]} as the user wrote it, not three more keys set to null
+        return {key: value for key, value in handler(self).items() if value is not None}
 
     @property
     def kind(self) -> str:

@@ -172,3 +172,8 @@ def test_domains_become_tune_search_spaces():
     assert (space.lower, space.upper) == (0.01, 1.0)
     assert isinstance(space.sampler, tune.search.sample.LogUniform)
     assert isinstance(Domain(uniform=(0.0, 1.0)).to_tune().sampler, tune.search.sample.Uniform)
+
+
+def test_a_dumped_domain_holds_only_its_kind():
+    sweep = parse_sweep_spec(sweep_dict({"loss.epsilon": {"uniform": [0.1, 1.0]}}))
+    assert sweep.model_dump(mode="json")["search"] == {"loss.epsilon": {"uniform": [0.1, 1.0]}}
