@@ -86,7 +86,13 @@ def check_metric_choice(
     available = reported_metrics(ks, has_val=has_val)
     if metric not in available:
         if metric.startswith("val_") and not has_val:
-            return [(metric_path, f"{metric!r} needs a validation split (data.val is not set)")]
+            return [
+                (
+                    metric_path,
+                    f"{metric!r} needs a validation split (data.val is not set); set data.val, "
+                    "or select train_loss with mode 'min'",
+                )
+            ]
         return [(metric_path, f"{metric!r} is not reported; choose one of: {', '.join(available)}")]
     if metric == "train_loss" and mode != "min":
         return [(metric_path, "train_loss is minimised: set mode to 'min'")]

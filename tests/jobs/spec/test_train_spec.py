@@ -94,7 +94,10 @@ def test_metric_selection_must_be_a_reported_metric():
     )
     no_val = {"data": {"train": DATA["train"], "num_classes": 10}}
     [line] = problems_of(no_val)
-    assert line == "metrics.select: 'val_top5' needs a validation split (data.val is not set)"
+    assert line == (
+        "metrics.select: 'val_top5' needs a validation split (data.val is not set); "
+        "set data.val, or select train_loss with mode 'min'"
+    )
     assert parse_train_spec({**no_val, "metrics": {"select": "train_loss", "mode": "min"}})
     [line] = problems_of({**no_val, "metrics": {"select": "train_loss"}})
     assert line == "metrics.select: train_loss is minimised: set mode to 'min'"
