@@ -1,7 +1,8 @@
 """Validating request bodies into training and sweep specs, with field-path error messages.
 
-The spec models live in jobs/spec (one schema everywhere); this module adds the service's URL
-limits as validation context and turns pydantic errors into ("field.path", "message") pairs.
+The spec models and their error formatting live in jobs/spec (one schema everywhere); this
+module adds the service's URL limits as validation context and what the queue needs to know
+(requested resources, storage root).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def spec_model(kind: str):
 def validate_spec(kind: str, body: Any, settings: Settings) -> ValidatedSpec:
     """Validate `body` as a TrainSpec ("train") or SweepSpec ("sweep") under the service's URL
     allow-lists. Raises InvalidSpec with every problem found."""
+    from jobs.spec.io import validation_problems
     from jobs.spec.train import SpecError
 
     if not isinstance(body, dict):
@@ -56,10 +58,8 @@ def validate_spec(kind: str, body: Any, settings: Settings) -> ValidatedSpec:
         context["allowed_roots"] = list(settings.allowed_roots)
     try:
         model = spec_model(kind).model_validate(body, context=context)
-    except ValidationError as exc:
-        raise InvalidSpec(format_errors(exc, body)) from None
-    except SpecError as exc:
-        raise InvalidSpec(list(exc.problems)) from None
+    except (ValidationError, SpecError) as exc:
+        raise InvalidSpec(validation_problems(exc)) from None
     train = model if kind == "train" else model.train
     scaling = train.scaling
     cpus = scaling.num_workers * scaling.cpus_per_worker
@@ -74,54 +74,3 @@ def validate_spec(kind: str, body: Any, settings: Settings) -> ValidatedSpec:
         requested_cpus=float(cpus),
         requested_gpus=float(gpus),
     )
-
-
-def format_errors(exc: ValidationError, body: Any) -> list[tuple[str, str]]:
-    """pydantic errors -> (path the user typed, readable message).
-
-    Cross-field problems (SpecError inside a model validator) keep their own paths, prefixed
-    with where the model sits; the discriminator segment pydantic adds for tagged unions
-    (`loss.noised_topk.epsilon`) is dropped, since the user never typed it.
-    """
-    from jobs.spec.train import SpecError, format_path
-
-    problems: list[tuple[str, str]] = []
-    for error in exc.errors():
-        loc = _user_path(error.get("loc", ()), body)
-        cause = (error.get("ctx") or {}).get("error")
-        if isinstance(cause, SpecError):
-            prefix = format_path(loc)
-            for path, message in cause.problems:
-                problems.append((f"{prefix}.{path}" if prefix else path, message))
-            continue
-        message = error.get("msg", "invalid value")
-        if error.get("type") == "extra_forbidden":
-            message = "unknown field (not part of the spec)"
-        elif error.get("type") == "missing":
-            message = "field required"
-        elif message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
-        problems.append((format_path(loc), message))
-    return problems
-
-
-def _user_path(loc: tuple, body: Any) -> list[str | int]:
-    path: list[str | int] = []
-    node = body
-    for part in loc:
-        is_union_tag = (
-            isinstance(node, dict)
-            and isinstance(part, str)
-            and part not in node
-            and node.get("name") == part
-        )
-        if is_union_tag:  # pydantic adds the tag of a discriminated union; the user never typed it
-            continue
-        path.append(part)
-        if isinstance(node, dict):
-            node = node.get(part)
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        else:
-            node = None
-    return path

@@ -1,0 +1,347 @@
+"""`topk serve | submit | status | logs | cancel | sweeps | token | demo`: the service's commands.
+
+`topk train` / `topk sweep` (jobs/cli.py) run a spec directly on Ray; the commands here talk to
+the job service over HTTP. Sweeps go through the service as `topk sweeps submit|status`, and
+`topk submit` also takes a sweep file (one with a `search` key).
+Heavy imports happen inside the handlers so `topk --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--url", help="service URL (default: $TOPK_URL or http://127.0.0.1:8000)")
+    client.add_argument("--token", help="bearer token (default: $TOPK_TOKEN)")
+
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the job service (starts a local Ray head when TOPK_RAY_ADDRESS is unset)",
+        description="Run the job service. With no configuration: a local Ray head on free "
+        "ports, SQLite and run storage under the data directory.",
+    )
+    serve.add_argument("--host", help="bind address (default: $TOPK_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: $TOPK_PORT or 8000)")
+    serve.add_argument(
+        "--data-dir", help="database and runs folder (default: $TOPK_DATA_DIR or .topk)"
+    )
+    serve.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=max(4, 2 * (os.cpu_count() or 1)),
+        help="logical CPUs of the local Ray head (default: %(default)s)",
+    )
+    serve.set_defaults(handler=run_serve)
+
+    submit = subparsers.add_parser(
+        "submit", parents=[client], help="submit a training (or sweep) spec to the service"
+    )
+    submit.add_argument("spec", metavar="SPEC", help="spec file (YAML or JSON)")
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    submit.add_argument("--idempotency-key", help="retrying with the same key never duplicates")
+    submit.set_defaults(handler=run_submit, kind=None)
+
+    status = subparsers.add_parser("status", parents=[client], help="list jobs, or show one")
+    status.add_argument("id", nargs="?", metavar="ID")
+    status.add_argument("--status", action="append", dest="statuses", help="filter by status")
+    status.add_argument("--limit", type=int, default=20)
+    status.set_defaults(handler=run_status, kind=None)
+
+    logs = subparsers.add_parser("logs", parents=[client], help="print a job's logs")
+    logs.add_argument("id", metavar="ID")
+    logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    logs.add_argument("--tail", type=int, default=200, help="last lines (0 = all)")
+    logs.set_defaults(handler=run_logs)
+
+    cancel = subparsers.add_parser("cancel", parents=[client], help="cancel a job or sweep")
+    cancel.add_argument("id", metavar="ID")
+    cancel.set_defaults(handler=run_cancel)
+
+    sweeps = subparsers.add_parser("sweeps", help="sweeps on the service (submit, status)")
+    sweep_commands = sweeps.add_subparsers(dest="sweeps_command", metavar="COMMAND")
+    sweep_submit = sweep_commands.add_parser("submit", parents=[client], help="submit a sweep")
+    sweep_submit.add_argument("spec", metavar="SPEC")
+    sweep_submit.add_argument("--wait", action="store_true")
+    sweep_submit.add_argument("--idempotency-key")
+    sweep_submit.set_defaults(handler=run_submit, kind="sweep")
+    sweep_status = sweep_commands.add_parser("status", parents=[client], help="list or show")
+    sweep_status.add_argument("id", nargs="?", metavar="ID")
+    sweep_status.add_argument("--status", action="append", dest="statuses")
+    sweep_status.add_argument("--limit", type=int, default=20)
+    sweep_status.set_defaults(handler=run_status, kind="sweep")
+
+    token = subparsers.add_parser("token", help="admin: manage API tokens (writes the database)")
+    token_commands = token.add_subparsers(dest="token_command", metavar="COMMAND")
+    token_create = token_commands.add_parser(
+        "create", help="create a token for NAME; the token is the last word printed"
+    )
+    token_create.add_argument("name", metavar="NAME")
+    token_create.add_argument("--data-dir", help="default: $TOPK_DATA_DIR or .topk")
+    token_create.set_defaults(handler=run_token_create)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="long-tailed Fashion-MNIST: cross-entropy vs noised_topk_imbalanced, end to end",
+    )
+    demo.add_argument("--data-dir", default=".topk-demo", help="default: %(default)s")
+    demo.add_argument("--epochs", type=int, default=4)
+    demo.add_argument("--port", type=int, default=0, help="service port (default: a free one)")
+    demo.set_defaults(handler=run_demo)
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"topk: error: {message}", file=sys.stderr)
+    return code
+
+
+def _kind_of(job_id: str) -> str:
+    return "sweep" if job_id.startswith("sweep-") else "train"
+
+
+def _client(args):
+    from service.client import ServiceClient
+
+    return ServiceClient(args.url, args.token)
+
+
+# -- serve and token ---------------------------------------------------------------------------
+
+
+def run_serve(args) -> int:
+    from service.settings import Settings
+
+    try:
+        settings = Settings.from_env(
+            data_dir=args.data_dir and _path(args.data_dir), port=args.port, host=args.host
+        )
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    return serve(settings, ray_cpus=args.ray_cpus)
+
+
+def serve(settings, *, ray_cpus: int, announce=print) -> int:
+    """Run the API until interrupted; starts (and then stops) a local Ray head when no
+    TOPK_RAY_ADDRESS is configured."""
+    import dataclasses
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.local_ray import LocalRayHead
+
+    head = None
+    if settings.launch_mode == "ray" and not settings.ray_address:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        head = LocalRayHead(ray_cpus, log_path=settings.data_dir / "ray-head.log")
+        announce(f"starting a local Ray head ({ray_cpus} logical CPUs) ...")
+        try:
+            address = head.start()
+        except RuntimeError as exc:
+            return _fail(f"{exc}; see {settings.data_dir / 'ray-head.log'}")
+        settings = dataclasses.replace(
+            settings, ray_address=address, ray_dashboard_url=address, job_python=sys.executable
+        )
+    announce(f"Ray dashboard: {settings.ray_dashboard_url or '(none: launch mode hold)'}")
+    announce(f"database: {_redact(settings.database_url)}; runs: {settings.storage_url}")
+    announce(f"API: http://{settings.host}:{settings.port}  (docs at /docs)")
+    try:
+        uvicorn.run(
+            create_app(settings), host=settings.host, port=settings.port, log_level="warning"
+        )
+    finally:
+        if head is not None:
+            announce("stopping the local Ray head ...")
+            head.stop()
+    return 0
+
+
+def run_token_create(args) -> int:
+    from service.db import Store
+    from service.settings import Settings
+
+    try:
+        settings = Settings.from_env(data_dir=args.data_dir and _path(args.data_dir))
+        if settings.is_sqlite:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store.from_url(settings.database_url)
+        store.migrate()
+        token = store.create_token(args.name)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    except Exception as exc:  # database unreachable
+        return _fail(f"cannot write the token to {_redact(settings.database_url)}: {exc}")
+    print(f"created a token for {args.name} (store it now; it is not shown again): {token}")
+    return 0
+
+
+def _path(text: str):
+    from pathlib import Path
+
+    return Path(text)
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+# -- client commands ---------------------------------------------------------------------------
+
+
+def run_submit(args) -> int:
+    from jobs.spec.io import SpecFileError, is_sweep_document, load_spec_file
+    from service.client import ServiceError
+
+    try:
+        raw = load_spec_file(args.spec)
+    except SpecFileError as exc:
+        return _fail(str(exc), 2)
+    kind = args.kind or ("sweep" if is_sweep_document(raw) else "train")
+    try:
+        with _client(args) as client:
+            job = client.submit(raw, kind=kind, idempotency_key=args.idempotency_key)
+            print(f"submitted {job['id']} ({job['status']})")
+            if not args.wait:
+                return 0
+            return _wait(client, job["id"], kind)
+    except ServiceError as exc:
+        return _fail(
+            f"{args.spec}:\n{exc}" if exc.status == 422 else str(exc), 2 if exc.status == 422 else 1
+        )
+
+
+def _wait(client, job_id: str, kind: str, *, poll_s: float = 2.0, quiet: bool = False) -> int:
+    """Poll until the job ends, printing a line when its status or epoch changes."""
+    last = None
+    while True:
+        job = client.get(job_id, kind=kind)
+        metrics = job.get("latest_metrics") or {}
+        line = f"{job_id}  {job['status']:<9}"
+        if metrics:
+            line += f"  epoch {metrics.get('epoch')}  " + _metric_text(metrics)
+        elif job.get("status_reason"):
+            line += f"  {job['status_reason']}"
+        if line != last and not quiet:
+            print(line, flush=True)
+            last = line
+        if job["status"] in TERMINAL:
+            if job["status"] != "succeeded" and job.get("status_reason"):
+                print(f"{job_id}: {job['status_reason']}", file=sys.stderr)
+            return 0 if job["status"] == "succeeded" else 1
+        time.sleep(poll_s)
+
+
+def _metric_text(metrics: dict[str, Any]) -> str:
+    keys = [k for k in metrics if k.startswith(("val_top", "val_macro_top", "train_loss"))]
+    return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics[k], int | float))
+
+
+def run_status(args) -> int:
+    from service.client import ServiceError
+
+    try:
+        with _client(args) as client:
+            if args.id:
+                kind = args.kind or _kind_of(args.id)
+                _print_job(client.get(args.id, kind=kind))
+                return 0
+            kinds = [args.kind] if args.kind else ["train", "sweep"]
+            rows = []
+            for kind in kinds:
+                rows += client.list(kind=kind, status=args.statuses, limit=args.limit)["items"]
+            rows.sort(key=lambda job: job["created_at"], reverse=True)
+            _print_table(rows[: args.limit])
+            return 0
+    except ServiceError as exc:
+        return _fail(str(exc), 2 if exc.status == 422 else 1)
+
+
+def _print_table(jobs: list[dict[str, Any]]) -> None:
+    if not jobs:
+        print("no jobs")
+        return
+    header = ("ID", "KIND", "STATUS", "ATTEMPTS", "CREATED", "NAME", "REASON")
+    rows = [
+        (
+            job["id"], job["kind"], job["status"], str(job["attempts"]),
+            job["created_at"][:19].replace("T", " "), job.get("name") or "-",
+            (job.get("status_reason") or "")[:60],
+        )
+        for job in jobs
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    fields = [
+        ("id", job["id"]), ("kind", job["kind"]), ("status", job["status"]),
+        ("reason", job.get("status_reason")), ("attempts", job["attempts"]),
+        ("created", job["created_at"]), ("started", job.get("started_at")),
+        ("finished", job.get("finished_at")), ("storage", job.get("storage")),
+        ("dashboard", job.get("dashboard_url")),
+    ]  # fmt: skip
+    for label, value in fields:
+        if value not in (None, ""):
+            print(f"{label + ':':<11}{value}")
+    if job.get("latest_metrics"):
+        print(
+            f"{'metrics:':<11}epoch {job['latest_metrics'].get('epoch')}  "
+            + _metric_text(job["latest_metrics"])
+        )
+    if job.get("trials"):
+        print("trials:")
+        for trial in job["trials"]:
+            params = ", ".join(f"{k}={v}" for k, v in (trial.get("params") or {}).items())
+            metrics = _metric_text(trial.get("metrics") or {})
+            print(f"  {trial.get('trial_id')}  {trial.get('status')}  {params}  {metrics}")
+        if job.get("best_params"):
+            print(f"best:      {job['best_params']}")
+
+
+def run_logs(args) -> int:
+    from service.client import ServiceError
+
+    kind = _kind_of(args.id)
+    try:
+        with _client(args) as client:
+            if not args.follow:
+                sys.stdout.write(client.logs(args.id, kind=kind, tail=args.tail))
+                return 0
+            for chunk in client.follow_logs(args.id, kind=kind, tail=args.tail):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            return 0
+    except ServiceError as exc:
+        return _fail(str(exc))
+
+
+def run_cancel(args) -> int:
+    from service.client import ServiceError
+
+    try:
+        with _client(args) as client:
+            job = client.cancel(args.id, kind=_kind_of(args.id))
+    except ServiceError as exc:
+        return _fail(str(exc))
+    print(f"{job['id']}: {job['status']}")
+    return 0
+
+
+def run_demo(args) -> int:
+    from service.demo import run_demo as demo
+
+    return demo(args)

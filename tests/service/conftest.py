@@ -1,0 +1,78 @@
+"""Fixtures of the service tests: real server processes over real HTTP, a real local Ray head,
+SQLite files and a fresh PostgreSQL database per test session."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from service_harness import ServerProcess
+
+from service.db import Store
+from service.local_ray import LocalRayHead
+
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory) -> Iterator[LocalRayHead]:
+    """One real local Ray head for the session (4 logical CPUs), stopped at the end."""
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    head = LocalRayHead(4, log_path=log)
+    head.start()
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server, dropped after the session."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"topk_service_test_{secrets.token_hex(4)}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1:5432: {exc}")
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture
+def make_server(tmp_path) -> Iterator:
+    """Factory: make_server(**TOPK settings) -> (ServerProcess, Store) sharing one database.
+    Every server started through it is stopped at the end of the test."""
+    servers: list[ServerProcess] = []
+    stores: list[Store] = []
+
+    def make(database_url: str | None = None, **settings: str):
+        data_dir = tmp_path / f"data{len(servers)}"
+        env = {
+            "TOPK_DATA_DIR": str(data_dir),
+            "TOPK_RECONCILE_INTERVAL_S": "0.5",
+            **{f"TOPK_{key.upper()}": str(value) for key, value in settings.items()},
+        }
+        if database_url:
+            env["TOPK_DATABASE_URL"] = database_url
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store.from_url(database_url or f"sqlite:///{data_dir / 'topk.db'}")
+        store.migrate()
+        server = ServerProcess(env, tmp_path / f"server{len(servers)}.log")
+        servers.append(server)
+        stores.append(store)
+        return server, store
+
+    yield make
+    for server in servers:
+        server.stop()
+    for store in stores:
+        store.close()

@@ -1,0 +1,101 @@
+"""A stand-in for `python -m jobs train|sweep` in the service's Ray tests (the launcher and
+reconciler paths, crash/restart and queue tests), so they run in seconds. It writes what the
+training runtime writes (ROOT/RUN/metrics.jsonl, result.json; sweep.json for sweeps) and
+behaves as the spec's `name` asks:
+
+- name starting "sleep<N>": run N seconds (one epoch per second) before succeeding;
+- "flaky": the first attempt exits 1 without result.json (an infrastructure-like death),
+  the next one succeeds;
+- "userfail": write result.json {"status": "failed"} and exit 1.
+
+Invoked as: python fake_job.py -m jobs {train|sweep} --spec URL --run-name RUN --storage ROOT
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+parser = argparse.ArgumentParser()
+parser.add_argument("-m")
+parser.add_argument("kind")
+parser.add_argument("--spec", required=True)
+parser.add_argument("--run-name", required=True)
+parser.add_argument("--storage", required=True)
+args = parser.parse_args()
+
+run_dir = Path(args.storage) / args.run_name
+spec = json.loads((run_dir / "spec.json").read_text())
+name = (spec.get("train", spec) if args.kind == "sweep" else spec).get("name") or ""
+print(f"fake job {args.run_name} starting ({args.kind}, name={name!r})", flush=True)
+with open(run_dir / "attempts.log", "a") as log:
+    log.write(f"{time.time()}\n")
+attempts = len((run_dir / "attempts.log").read_text().splitlines())
+
+if name == "flaky" and attempts == 1:
+    print("simulated node loss", flush=True)
+    sys.exit(1)
+if name == "userfail":
+    (run_dir / "result.json").write_text(
+        json.dumps(
+            {
+                "status": "failed",
+                "epochs": 0,
+                "best": {},
+                "best_epoch": None,
+                "error": "data.train: no shards found",
+            }
+        )
+    )
+    sys.exit(1)
+
+seconds = int(name[5:]) if name.startswith("sleep") and name[5:].isdigit() else 1
+for epoch in range(1, seconds + 1):
+    time.sleep(1)
+    record = {
+        "epoch": epoch,
+        "train_loss": 1.0 / epoch,
+        "skipped": 0,
+        "samples_per_second": 100.0,
+        "val_top1": 0.1 * epoch,
+        "val_top5": 0.2 * epoch,
+        "val_macro_top5": 0.15 * epoch,
+        "time": time.time(),
+    }
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        metrics.write(json.dumps(record) + "\n")
+    print(f"epoch {epoch} done", flush=True)
+if args.kind == "sweep":
+    trials = [
+        {
+            "trial_id": f"t{i}",
+            "params": {"optim.lr": lr},
+            "status": "TERMINATED",
+            "metrics": {"val_top5": 0.5 + i / 10},
+        }
+        for i, lr in enumerate((0.1, 0.01))
+    ]
+    (run_dir / "sweep.json").write_text(
+        json.dumps(
+            {
+                "metric": "val_top5",
+                "mode": "max",
+                "trials": trials,
+                "best_params": {"optim.lr": 0.01},
+                "best_config": spec["train"],
+            }
+        )
+    )
+(run_dir / "result.json").write_text(
+    json.dumps(
+        {
+            "status": "succeeded",
+            "epochs": seconds,
+            "best": {"val_top5": 0.2 * seconds},
+            "best_epoch": seconds,
+            "error": None,
+        }
+    )
+)
+print("fake job done", flush=True)

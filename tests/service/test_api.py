@@ -1,0 +1,307 @@
+"""The HTTP API over real HTTP against a server process (launch mode `hold`: jobs are recorded
+and stay queued, so these tests exercise the API and the database, not a cluster), on SQLite
+and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from service_harness import ServerProcess, client_for, tiny_spec
+
+from service.db import Store
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def api(request, tmp_path_factory):
+    """(server, store, alice token, bob token, storage root) for one database backend."""
+    data_dir = tmp_path_factory.mktemp(f"api-{request.param}")
+    if request.param == "postgres":
+        database_url = request.getfixturevalue("postgres_url")
+    else:
+        database_url = f"sqlite:///{data_dir / 'topk.db'}"
+    store = Store.from_url(database_url)
+    store.migrate()
+    env = {
+        "TOPK_DATA_DIR": str(data_dir),
+        "TOPK_DATABASE_URL": database_url,
+        "TOPK_LAUNCH_MODE": "hold",
+        "TOPK_MAX_BODY_BYTES": "20000",
+        "TOPK_ALLOWED_ROOTS": f"/tmp,{data_dir}",
+    }
+    server = ServerProcess(env, data_dir / "server.log").start()
+    alice, bob = store.create_token("alice"), store.create_token("bob")
+    yield server, store, alice, bob, data_dir / "runs"
+    server.stop()
+    store.close()
+
+
+def test_health_and_ready_need_no_token(api):
+    server, *_ = api
+    with client_for(server, None) as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        ready = http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["database"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/job-x"),
+     ("GET", "/v1/sweeps"), ("POST", "/v1/jobs/job-x/cancel"), ("GET", "/v1/jobs/job-x/logs"),
+     ("GET", "/v1/jobs/job-x/metrics")],
+)  # fmt: skip
+def test_every_v1_route_needs_a_valid_token(api, method, path):
+    server, *_ = api
+    for headers in ({}, {"Authorization": "Bearer topk_wrong"}, {"Authorization": "Basic abc"}):
+        with httpx.Client(base_url=server.url, headers=headers) as http:
+            response = http.request(method, path, json=tiny_spec())
+        assert response.status_code == 401, (headers, response.text)
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.json()["error"] == "unauthorized"
+
+
+def test_submit_returns_the_queued_record_and_get_shows_history(api):
+    server, _, alice, *_ = api
+    with client_for(server, alice) as http:
+        created = http.post("/v1/jobs", json=tiny_spec("first"))
+        assert created.status_code == 201, created.text
+        job = created.json()
+        assert job["status"] == "queued" and job["owner"] == "alice" and job["attempts"] == 0
+        assert job["id"].startswith("job-") and job["name"] == "first"
+        # the stored spec is the validated one, defaults filled
+        assert (
+            job["spec"]["optim"]["name"] == "sgd" and job["spec"]["model"]["cosine_head"] is False
+        )
+        detail = http.get(f"/v1/jobs/{job['id']}").json()
+        assert [e["to_status"] for e in detail["events"]] == ["queued"]
+        assert detail["events"][0]["reason"] == "submitted"
+        assert detail["dashboard_url"] is None  # not launched
+        # a job is not a sweep
+        assert http.get(f"/v1/sweeps/{job['id']}").status_code == 404
+
+
+def test_other_owners_jobs_are_invisible(api):
+    server, _, alice, bob, _ = api
+    with client_for(server, alice) as as_alice, client_for(server, bob) as as_bob:
+        job = as_alice.post("/v1/jobs", json=tiny_spec()).json()
+        for method, path in (
+            ("GET", ""),
+            ("GET", "/metrics"),
+            ("GET", "/logs"),
+            ("POST", "/cancel"),
+        ):
+            response = as_bob.request(method, f"/v1/jobs/{job['id']}{path}")
+            assert response.status_code == 404, (path, response.text)
+        assert job["id"] not in {j["id"] for j in as_bob.get("/v1/jobs").json()["items"]}
+        assert as_alice.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+
+
+def test_invalid_specs_get_422_with_field_paths(api):
+    server, _, alice, *_ = api
+    cases = [
+        ({**tiny_spec(), "bogus": 1}, "bogus"),
+        (tiny_spec(loss={"name": "noised_topk", "epsilon": -1.0}), "loss.epsilon"),
+        (tiny_spec(loss={"name": "noised_topk", "k": 10}), "loss.k"),
+        (tiny_spec(loss={"name": "no_such_loss"}), "loss.name"),
+        (
+            {**tiny_spec(), "data": {**tiny_spec()["data"], "train": "ftp://host/x.tar"}},
+            "data.train",
+        ),
+        (
+            {**tiny_spec(), "data": {**tiny_spec()["data"], "train": "/etc/shards.tar"}},
+            "data.train",
+        ),
+        ({**tiny_spec(), "storage": "/root/elsewhere"}, "storage"),
+        ({"epochs": 1}, "data"),
+        (tiny_spec(epochs="many"), "epochs"),
+    ]
+    with client_for(server, alice) as http:
+        before = len(http.get("/v1/jobs", params={"limit": 200}).json()["items"])
+        for body, field in cases:
+            response = http.post("/v1/jobs", json=body)
+            assert response.status_code == 422, (body, response.text)
+            answer = response.json()
+            assert answer["error"] == "invalid_spec"
+            assert field in [e["field"] for e in answer["errors"]], answer
+            assert "Traceback" not in response.text
+        assert len(http.get("/v1/jobs", params={"limit": 200}).json()["items"]) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"[1, 2]", b"", b'"text"', b"null", '{"data": "\u00e9"}'.encode("latin-1")],
+)
+def test_malformed_bodies_get_422(api, body):
+    server, _, alice, *_ = api
+    with client_for(server, alice) as http:
+        response = http.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["message"]
+
+
+def test_oversized_bodies_get_413(api):
+    server, _, alice, *_ = api
+    big = tiny_spec(name="x" * 30_000)
+    with client_for(server, alice) as http:
+        assert http.post("/v1/jobs", json=big).status_code == 413
+
+        def chunks():  # no Content-Length: the limit is enforced while reading
+            for _ in range(30):
+                yield b" " * 1000
+
+        response = http.post(
+            "/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 413
+        assert response.json()["error"] == "body_too_large"
+
+
+def test_idempotency_key_same_body_same_job_different_body_409(api):
+    server, _, alice, bob, _ = api
+    with client_for(server, alice) as http, client_for(server, bob) as as_bob:
+        key = {"Idempotency-Key": "retry-me"}
+        first = http.post("/v1/jobs", json=tiny_spec("idem"), headers=key)
+        again = http.post("/v1/jobs", json=tiny_spec("idem"), headers=key)
+        assert (first.status_code, again.status_code) == (201, 200)
+        assert first.json()["id"] == again.json()["id"]
+        other = http.post("/v1/jobs", json=tiny_spec("idem", epochs=3), headers=key)
+        assert other.status_code == 409 and first.json()["id"] in other.json()["message"]
+        # keys are per owner: bob's same key is a different job
+        assert (
+            as_bob.post("/v1/jobs", json=tiny_spec("idem"), headers=key).json()["id"]
+            != (first.json()["id"])
+        )
+
+
+def test_concurrent_requests_with_one_key_create_exactly_one_job(api):
+    server, store, alice, *_ = api
+    spec = tiny_spec("concurrent")
+
+    def post(_):
+        with client_for(server, alice) as http:
+            return http.post("/v1/jobs", json=spec, headers={"Idempotency-Key": "burst"})
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(post, range(32)))
+    assert sorted({r.status_code for r in responses}) in ([200, 201], [201])
+    assert [r.status_code for r in responses].count(201) == 1
+    assert len({r.json()["id"] for r in responses}) == 1
+    owner_id = store.owner_for_token(alice)[0]
+    assert store.get_job_by_key(owner_id, "burst").id == responses[0].json()["id"]
+
+
+def test_list_filters_by_status_and_pages_with_a_cursor(api):
+    server, _, alice, *_ = api
+    with client_for(server, alice) as http:
+        made = [http.post("/v1/jobs", json=tiny_spec(f"page{i}")).json()["id"] for i in range(5)]
+        http.post(f"/v1/jobs/{made[0]}/cancel")
+        seen, cursor = [], None
+        while True:
+            params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+            page = http.get("/v1/jobs", params=params).json()
+            assert len(page["items"]) <= 2
+            seen += [job["id"] for job in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert len(seen) == len(set(seen))
+        assert seen[:4] == made[::-1][:4]  # newest first
+        assert set(made) <= set(seen)
+        cancelled = http.get("/v1/jobs", params={"status": "cancelled", "limit": 200}).json()
+        assert made[0] in {job["id"] for job in cancelled["items"]}
+        assert {job["status"] for job in cancelled["items"]} == {"cancelled"}
+        both = http.get("/v1/jobs", params=[("status", "cancelled"), ("status", "queued")]).json()
+        assert {job["status"] for job in both["items"]} <= {"cancelled", "queued"}
+        for bad in ({"status": "done"}, {"limit": 0}, {"limit": 1000}, {"cursor": "abc"}):
+            response = http.get("/v1/jobs", params=bad)
+            assert response.status_code == 422, (bad, response.text)
+            assert response.json()["errors"][0]["field"].startswith("query.")
+
+
+def test_cancel_is_idempotent_and_queued_jobs_never_start(api):
+    server, store, alice, *_ = api
+    with client_for(server, alice) as http:
+        job = http.post("/v1/jobs", json=tiny_spec("to-cancel")).json()
+        first = http.post(f"/v1/jobs/{job['id']}/cancel")
+        second = http.post(f"/v1/jobs/{job['id']}/cancel")
+        assert first.status_code == second.status_code == 200
+        assert first.json()["status"] == second.json()["status"] == "cancelled"
+        events = [(e["from_status"], e["to_status"]) for e in second.json()["events"]]
+        assert events == [(None, "queued"), ("queued", "cancelled")]
+        assert second.json()["finished_at"] is not None
+        assert http.post("/v1/jobs/job-000000000000/cancel").status_code == 404
+
+
+def test_logs_before_launch_is_409(api):
+    server, _, alice, *_ = api
+    with client_for(server, alice) as http:
+        job = http.post("/v1/jobs", json=tiny_spec()).json()
+        response = http.get(f"/v1/jobs/{job['id']}/logs")
+        assert response.status_code == 409 and "not been launched" in response.json()["message"]
+
+
+def test_metrics_history_comes_from_the_run_folder(api):
+    server, store, alice, _, storage = api
+    with client_for(server, alice) as http:
+        job = http.post("/v1/jobs", json=tiny_spec("metrics")).json()
+        assert http.get(f"/v1/jobs/{job['id']}/metrics").json() == {
+            "job_id": job["id"],
+            "epochs": [],
+        }
+        run_dir = Path(storage) / job["id"]
+        run_dir.mkdir(parents=True)
+        lines = [{"epoch": 1, "train_loss": 2.0, "val_top5": 0.4},
+                 {"epoch": 2, "train_loss": 1.5, "val_top5": 0.6}]  # fmt: skip
+        (run_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps(line) + "\n" for line in lines) + '{"epoch": 3, "trai'
+        )
+        history = http.get(f"/v1/jobs/{job['id']}/metrics").json()["epochs"]
+        assert history == lines  # the half-written last line is not an epoch yet
+
+
+def test_sweeps_have_their_own_collection(api):
+    server, _, alice, *_ = api
+    sweep = {"train": tiny_spec("sweep-base"), "search": {"optim.lr": {"grid": [0.1, 0.01]}},
+             "scheduler": {"name": "fifo"}}  # fmt: skip
+    with client_for(server, alice) as http:
+        created = http.post("/v1/sweeps", json=sweep)
+        assert created.status_code == 201, created.text
+        record = created.json()
+        assert record["kind"] == "sweep" and record["id"].startswith("sweep-")
+        assert record["id"] in {s["id"] for s in http.get("/v1/sweeps").json()["items"]}
+        assert record["id"] not in {j["id"] for j in http.get("/v1/jobs").json()["items"]}
+        bad = http.post("/v1/sweeps", json={**sweep, "search": {"optim.nope": {"grid": [1]}}})
+        assert bad.status_code == 422
+        assert bad.json()["errors"][0]["field"].startswith("search")
+        # a training spec is not a sweep
+        assert http.post("/v1/sweeps", json=tiny_spec()).status_code == 422
+
+
+def test_unknown_routes_and_methods_answer_json(api):
+    server, _, alice, *_ = api
+    with client_for(server, alice) as http:
+        missing = http.get("/v2/nothing")
+        assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+        wrong = http.delete("/v1/jobs")
+        assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
+
+
+def test_prometheus_metrics(api):
+    server, *_ = api
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'topk_jobs{status="queued"}' in text
+    assert "topk_reconciler_lag_seconds" in text
+    assert 'topk_http_requests_total{method="POST",route="/v1/jobs",status="201"}' in text
+    assert "topk_launches_total 0.0" in text
+
+
+def test_openapi_documents_the_spec_bodies(api):
+    server, *_ = api
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["$ref"] == "#/components/schemas/TrainSpec"
+    assert "SweepSpec" in schema["components"]["schemas"]
+    assert "DataSpec" in schema["components"]["schemas"]
