@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from jobs.spec.io import format_validation_error, parse_train_spec
-from jobs.spec.train import SpecError, TrainSpec, format_path, reported_metrics
+from jobs.spec.train import (
+    ARCHITECTURES,
+    SpecError,
+    TrainSpec,
+    format_path,
+    reported_metrics,
+)
 
 DATA = {"train": "/data/omniglot/dataset.json", "val": "/data/omniglot/dataset.json"}
 
@@ -227,3 +233,9 @@ def test_the_k_rule_holds_for_every_loss_with_k(num_classes, k, name):
         assert problems_of(raw) == [
             f"loss.k: k + 1 = {k + 1} exceeds data.num_classes = {num_classes}"
         ]
+
+
+def test_the_spec_offers_exactly_the_architectures_the_runtime_builds():
+    from jobs.models import list_archs  # imports torch: fine in a test, never in jobs/spec
+
+    assert sorted(ARCHITECTURES) == list_archs()
