@@ -15,8 +15,6 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from topk.heads import CosineHead
-
 # torchvision ImageNet ResNets: stride-2 7x7 stem + max-pool, for images of about 64 px and up.
 _TORCHVISION_ARCHS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": tv_models.resnet18,
@@ -129,6 +127,8 @@ def build_model(
     if pretrained is not None:
         _load_backbone(model, pretrained)
     if cosine_head:
+        from topk.heads import CosineHead
+
         model.fc = CosineHead(model.fc.in_features, num_classes)
     return model
 

@@ -107,8 +107,9 @@ def run_sweep(
     trainable = tune.with_parameters(
         run_trial, base_spec=train.model_dump(mode="json"), sweep_dir=sweep_dir
     )
-    # The trial function only drives a TorchTrainer whose workers hold the resources.
-    trainable = tune.with_resources(trainable, {"CPU": 0})
+    # The trial function only drives a TorchTrainer whose workers hold the resources; Tune
+    # refuses an empty request, so it asks for a sliver of a CPU.
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
     tuner = tune.Tuner(
         trainable,
         param_space={"params": {path: domain.to_tune() for path, domain in sweep.search.items()}},
