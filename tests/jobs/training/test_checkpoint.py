@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,7 +91,7 @@ def test_metrics_log_drops_epochs_after_the_resumed_checkpoint(tmp_path):
         log.append({"epoch": epoch, "train_loss": 1.0 / epoch})
     resumed = MetricsLog(url, keep_through_epoch=2)  # epoch 3's checkpoint was lost
     resumed.append({"epoch": 3, "train_loss": 0.25})
-    lines = [json.loads(line) for line in open(url, encoding="utf-8")]
+    lines = [json.loads(line) for line in Path(url).read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     assert lines[-1]["train_loss"] == 0.25
 
