@@ -145,7 +145,8 @@ def apply_params(
             raise SpecError([(path, _missing_path_message(spec, path))])
         parent[key] = value
     if "loss.name" in params and params["loss.name"] != train.loss.name:
-        new_loss = LOSS_SPECS.get(params["loss.name"])
+        name = params["loss.name"]
+        new_loss = LOSS_SPECS.get(name) if isinstance(name, str) else None
         if new_loss is not None:  # an unknown name is left for validation to report
             spec["loss"] = {k: v for k, v in spec["loss"].items() if k in new_loss.model_fields}
         spec["model"]["cosine_head"] = None

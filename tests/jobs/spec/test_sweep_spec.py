@@ -158,9 +158,11 @@ def test_switching_the_loss_drops_its_foreign_fields_and_resets_the_head():
 
 
 def test_a_loss_name_choice_is_checked_value_by_value():
-    raw = sweep_dict({"loss.name": {"choice": ["noised_topk", "ldam", "hinge"]}})
-    [line] = problems_of(raw)
-    assert line.startswith("search.loss.name.choice[2]: loss.name: unknown loss 'hinge'")
+    raw = sweep_dict({"loss.name": {"choice": ["noised_topk", "ldam", "hinge", ["ldam"]]}})
+    lines = problems_of(raw)
+    assert lines[0].startswith("search.loss.name.choice[2]: loss.name: unknown loss 'hinge'")
+    assert lines[1].startswith("search.loss.name.choice[3]: loss.name:")
+    assert len(lines) == 2
 
 
 def test_domains_become_tune_search_spaces():
