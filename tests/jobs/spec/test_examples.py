@@ -53,6 +53,13 @@ def test_the_promised_examples_are_shipped():
     assert set(PLANTNET_LOSSES) == set(list_losses())
 
 
+def test_the_examples_readme_lists_every_example():
+    readme = (REPO / "examples" / "README.md").read_text()
+    for path in EXAMPLES:
+        listed = path.name if not path.stem.startswith("plantnet300k_") else "plantnet300k_<loss>"
+        assert listed in readme, path.name
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_is_a_valid_spec(path, monkeypatch):
     monkeypatch.chdir(REPO)  # data URLs are relative to the repository root
