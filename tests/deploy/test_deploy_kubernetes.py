@@ -11,8 +11,10 @@ import pytest
 import yaml
 from deploy_manifests import REPO, find, pod_templates
 
-# The oldest Kubernetes release the manifests are written for (docs/deploy.md says the same).
+# The oldest Kubernetes release the manifests are written for (docs/deploy.md says the same),
+# and the newest whose schemas kubernetes-validate ships (catches removed APIs).
 KUBERNETES_VERSION = "1.30.0"
+KUBERNETES_VERSIONS = (KUBERNETES_VERSION, kubernetes_validate.utils.latest_version())
 RAYCLUSTER_CRD = REPO.parent / "shared" / "k8s-schemas" / "ray.io_rayclusters.yaml"
 CUSTOM_KINDS = {"RayCluster"}
 
@@ -62,14 +64,15 @@ def container_named(pod_spec: dict, name: str) -> dict:
 # --- schemas -------------------------------------------------------------------------------
 
 
-def test_core_objects_validate_against_kubernetes_schemas(rendered):
+@pytest.mark.parametrize("kubernetes_version", KUBERNETES_VERSIONS)
+def test_core_objects_validate_against_kubernetes_schemas(rendered, kubernetes_version):
     kinds = set()
     for obj in rendered:
         if obj["kind"] in CUSTOM_KINDS:
             continue
         kinds.add(obj["kind"])
         try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+            kubernetes_validate.validate(obj, kubernetes_version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {exc.path}")
     assert {"Deployment", "Service", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
