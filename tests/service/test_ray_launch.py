@@ -1,0 +1,222 @@
+"""The launcher and reconciler against a real local Ray cluster, through the real server.
+
+Jobs run tests/service/fake_job.py in place of `python -m jobs` (TOPK_JOB_PYTHON), which
+writes the runtime's files in seconds; the real runtime is exercised in test_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import httpx
+import pytest
+from service_harness import FAKE_JOB, client_for, tiny_spec, wait_for
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture
+def ray_server(make_server, ray_head):
+    """Factory: a server on the session's Ray head, running the fake job."""
+
+    def make(database_url: str | None = None, **settings):
+        return make_server(
+            database_url,
+            ray_address=ray_head.dashboard_url,
+            job_python=f"{sys.executable} {FAKE_JOB}",
+            retry_backoff_s="0.5",
+            **settings,
+        )
+
+    return make
+
+
+def ray_submissions(ray_head, job_id: str) -> list[str]:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head.dashboard_url)
+    return sorted(
+        job.submission_id
+        for job in client.list_jobs()
+        if job.submission_id and job.submission_id.startswith(f"{job_id}-")
+    )
+
+
+def wait_status(http: httpx.Client, job_id: str, statuses=TERMINAL, timeout=90.0) -> dict:
+    collection = "sweeps" if job_id.startswith("sweep-") else "jobs"
+
+    def current():
+        job = http.get(f"/v1/{collection}/{job_id}").json()
+        return job if job["status"] in statuses else None
+
+    return wait_for(current, timeout, message=f"{job_id} to reach {statuses}")
+
+
+def test_job_runs_on_ray_to_success_with_metrics_and_logs(ray_server, ray_head):
+    server, store = ray_server()
+    server.start()
+    token = store.create_token("alice")
+    with client_for(server, token) as http:
+        assert http.get("/readyz").json()["ray"] == "ok"
+        job = http.post("/v1/jobs", json=tiny_spec("sleep3")).json()
+        done = wait_status(http, job["id"])
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 1 and done["submission_id"] == f"{job['id']}-1"
+        assert [e["to_status"] for e in done["events"]] == [
+            "queued", "launching", "running", "succeeded",
+        ]  # fmt: skip
+        assert done["latest_metrics"]["epoch"] == 3
+        assert done["result"]["status"] == "succeeded"
+        assert done["dashboard_url"].endswith(f"/#/jobs/{job['id']}-1")
+        epochs = http.get(f"/v1/jobs/{job['id']}/metrics").json()["epochs"]
+        assert [e["epoch"] for e in epochs] == [1, 2, 3]
+        logs = http.get(f"/v1/jobs/{job['id']}/logs", params={"tail": 0}).text
+        assert "epoch 3 done" in logs and "fake job done" in logs
+        assert http.get(f"/v1/jobs/{job['id']}/logs", params={"tail": 1}).text.count("\n") <= 1
+        followed = http.get(f"/v1/jobs/{job['id']}/logs", params={"follow": "true"}).text
+        assert followed.count("fake job done") == 1
+        assert "topk_launches_total 1.0" in httpx.get(f"{server.url}/metrics").text
+    assert ray_submissions(ray_head, job["id"]) == [f"{job['id']}-1"]
+
+
+def test_queue_launches_in_submission_order_when_resources_free_up(ray_server, ray_head):
+    server, store = ray_server()
+    server.start()
+    token = store.create_token("alice")
+    three_cpus = {"num_workers": 1, "cpus_per_worker": 3.0}
+    with client_for(server, token) as http:
+        huge = http.post("/v1/jobs", json=tiny_spec("sleep1", scaling={"num_workers": 8})).json()
+        ids = [
+            http.post("/v1/jobs", json=tiny_spec("sleep3", scaling=three_cpus)).json()["id"]
+            for _ in range(3)
+        ]
+        wait_status(http, ids[0], ("running",), timeout=60)
+        waiting = http.get(f"/v1/jobs/{ids[1]}").json()
+        assert waiting["status"] == "queued"
+        assert "waiting for resources" in waiting["status_reason"]
+        finished = [wait_status(http, job_id, timeout=120) for job_id in ids]
+        assert all(job["status"] == "succeeded" for job in finished)
+        starts = [job["started_at"] for job in finished]
+        ends = [job["finished_at"] for job in finished]
+        assert starts == sorted(starts)
+        # never two at once: 3 + 3 CPUs do not fit a 4-CPU cluster
+        assert starts[1] >= ends[0] and starts[2] >= ends[1]
+        # the job larger than the cluster waits without blocking the others
+        big = http.get(f"/v1/jobs/{huge['id']}").json()
+        assert big["status"] == "queued" and "cluster to grow" in big["status_reason"]
+        assert http.post(f"/v1/jobs/{huge['id']}/cancel").json()["status"] == "cancelled"
+    assert ray_submissions(ray_head, huge["id"]) == []
+
+
+def test_infrastructure_failure_is_retried_and_user_failure_is_not(ray_server, ray_head):
+    server, store = ray_server()
+    server.start()
+    token = store.create_token("alice")
+    with client_for(server, token) as http:
+        flaky = http.post("/v1/jobs", json=tiny_spec("flaky")).json()
+        broken = http.post("/v1/jobs", json=tiny_spec("userfail")).json()
+        flaky_done, broken_done = wait_status(http, flaky["id"]), wait_status(http, broken["id"])
+    assert flaky_done["status"] == "succeeded" and flaky_done["attempts"] == 2
+    reasons = [e["reason"] for e in flaky_done["events"] if e["to_status"] == "queued"]
+    assert any("attempt 1 failed" in reason and "retrying" in reason for reason in reasons)
+    assert ray_submissions(ray_head, flaky["id"]) == [f"{flaky['id']}-1", f"{flaky['id']}-2"]
+    assert broken_done["status"] == "failed" and broken_done["attempts"] == 1
+    assert "no shards found" in broken_done["failure_reason"]
+
+
+def test_cancel_stops_the_ray_job_and_keeps_the_run_folder(ray_server, ray_head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    server, store = ray_server()
+    server.start()
+    token = store.create_token("alice")
+    with client_for(server, token) as http:
+        job = http.post("/v1/jobs", json=tiny_spec("sleep60")).json()
+        running = wait_status(http, job["id"], ("running",))
+        wait_for(lambda: http.get(f"/v1/jobs/{job['id']}/metrics").json()["epochs"], 30)
+        cancelled = http.post(f"/v1/jobs/{job['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    client = JobSubmissionClient(ray_head.dashboard_url)
+    wait_for(
+        lambda: str(client.get_job_status(running["submission_id"]).value) == "STOPPED",
+        30, message="the Ray job to stop",
+    )  # fmt: skip
+    run_dir = tmp_path / "data0" / "runs" / job["id"]
+    assert (run_dir / "spec.json").exists() and (run_dir / "metrics.jsonl").exists()
+
+
+def test_sweep_through_the_api_reports_trials_and_best_config(ray_server):
+    server, store = ray_server()
+    server.start()
+    token = store.create_token("alice")
+    sweep = {"train": tiny_spec("sleep1"), "search": {"optim.lr": {"grid": [0.1, 0.01]}},
+             "scheduler": {"name": "fifo"}}  # fmt: skip
+    with client_for(server, token) as http:
+        created = http.post("/v1/sweeps", json=sweep).json()
+        done = wait_status(http, created["id"])
+    assert done["status"] == "succeeded"
+    assert [t["params"] for t in done["trials"]] == [{"optim.lr": 0.1}, {"optim.lr": 0.01}]
+    assert done["best_params"] == {"optim.lr": 0.01}
+    assert done["best_config"]["name"] == "sleep1"
+
+
+def test_restart_while_running_adopts_the_job(ray_server, ray_head):
+    server, store = ray_server()
+    server.start()
+    token = store.create_token("alice")
+    with client_for(server, token) as http:
+        job = http.post("/v1/jobs", json=tiny_spec("sleep6")).json()
+        wait_status(http, job["id"], ("running",))
+    server.kill()
+    server.start()
+    with client_for(server, token) as http:
+        done = wait_status(http, job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert ray_submissions(ray_head, job["id"]) == [f"{job['id']}-1"]
+
+
+@pytest.mark.parametrize(
+    "step", ["after_insert", "after_spec_write", "after_launching_recorded", "after_submit"]
+)
+def test_kill9_at_each_submit_step_loses_nothing_and_launches_once(ray_server, ray_head, step):
+    server, store = ray_server()
+    server.start(extra_env={"TOPK_TEST_CRASH_AT": step})
+    token = store.create_token("alice")
+    key = {"Idempotency-Key": f"crash-{step}"}
+    acknowledged = None
+    with client_for(server, token) as http:
+        try:
+            response = http.post("/v1/jobs", json=tiny_spec("sleep1"), headers=key)
+            assert response.status_code == 201
+            acknowledged = response.json()["id"]
+        except httpx.HTTPError:
+            assert step == "after_insert"  # died before answering: the client retries
+    assert server.wait_exit(60) == 137, server.log()
+    server.start()  # no crash point this time
+    with client_for(server, token) as http:
+        retry = http.post("/v1/jobs", json=tiny_spec("sleep1"), headers=key)
+        assert retry.status_code == 200, retry.text  # the same job, not a new one
+        job_id = retry.json()["id"]
+        assert acknowledged in (None, job_id)
+        done = wait_status(http, job_id)
+        assert len(http.get("/v1/jobs").json()["items"]) == 1
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 1
+    assert ray_submissions(ray_head, job_id) == [f"{job_id}-1"]
+    launches = [e for e in done["events"] if e["to_status"] == "launching"]
+    assert len(launches) == 1
+
+
+def test_postgres_backend_runs_jobs_too(ray_server, postgres_url):
+    import sqlalchemy as sa
+
+    server, store = ray_server(postgres_url)
+    with store.engine.begin() as conn:  # the session database is shared with the API tests
+        conn.execute(sa.text("DELETE FROM events"))
+        conn.execute(sa.text("DELETE FROM jobs"))
+    server.start()
+    token = store.create_token("carol")
+    with client_for(server, token) as http:
+        job = http.post("/v1/jobs", json=tiny_spec("sleep1")).json()
+        assert wait_status(http, job["id"])["status"] == "succeeded"
