@@ -149,9 +149,10 @@ def cosine_scores(features, weight):
     [
         lambda: TopKHingeLoss(k=1),
         lambda: NoisedTopKLoss(k=1, epsilon=0.2, n_samples=5),
+        lambda: NoisedTopKLoss(k=1, epsilon=0.2, n_samples=5, sampler="lazy"),
         lambda: NoisedTopKImbalancedLoss(k=1, class_counts=[30, 10, 5, 1]),
     ],
-    ids=["topk_hinge", "noised_topk", "noised_topk_imbalanced"],
+    ids=["topk_hinge", "noised_topk", "noised_topk_lazy", "noised_topk_imbalanced"],
 )
 def test_loss_decreases_on_a_linearly_separable_problem(make_loss):
     gen = torch.Generator().manual_seed(0)
@@ -183,9 +184,10 @@ def test_loss_decreases_on_a_linearly_separable_problem(make_loss):
 ALL_LOSSES = [
     lambda: TopKHingeLoss(k=2),
     lambda: NoisedTopKLoss(k=2),
+    lambda: NoisedTopKLoss(k=2, sampler="lazy"),
     lambda: NoisedTopKImbalancedLoss(k=2, class_counts=[5, 4, 3, 2, 1, 0]),
 ]
-LOSS_IDS = ["topk_hinge", "noised_topk", "noised_topk_imbalanced"]
+LOSS_IDS = ["topk_hinge", "noised_topk", "noised_topk_lazy", "noised_topk_imbalanced"]
 
 
 @pytest.mark.parametrize("make_loss", ALL_LOSSES, ids=LOSS_IDS)
