@@ -13,13 +13,15 @@ COPY pyproject.toml README.md ./
 COPY topk ./topk
 COPY jobs ./jobs
 COPY service ./service
-COPY docker/extra_requirements.py ./docker/extra_requirements.py
+COPY docker/extra_requirements.py docker/api-constraints.txt ./docker/
 # The core dependencies of the project include torch, which the API never imports: install the
-# project with --no-deps and then exactly the `service` extra read from pyproject.toml.
+# project with --no-deps and then exactly the `service` extra read from pyproject.toml, at the
+# versions locked in docker/api-constraints.txt.
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir "pip==25.3" \
+    && /opt/venv/bin/pip install --no-cache-dir "pip==26.3" \
     && python docker/extra_requirements.py service > /tmp/service-requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir -r /tmp/service-requirements.txt \
+        -c docker/api-constraints.txt \
     && /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/pip install --no-cache-dir --no-deps /wheels/*.whl \
     && if /opt/venv/bin/pip show torch >/dev/null 2>&1; then echo "torch leaked into the API image" >&2; exit 1; fi

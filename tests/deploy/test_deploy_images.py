@@ -229,6 +229,26 @@ def test_api_image_installs_the_project_without_its_core_dependencies():
     assert "extra_requirements.py service" in run
 
 
+def locked_versions() -> dict[str, str]:
+    lines = (REPO / "docker" / "api-constraints.txt").read_text().splitlines()
+    pins = [line.split("==") for line in lines if line and not line.startswith("#")]
+    assert all(len(pin) == 2 for pin in pins), "api-constraints.txt holds name==version lines"
+    return {canonicalize_name(name): version for name, version in pins}
+
+
+def test_api_image_versions_are_locked_within_the_service_extra(pyproject):
+    locked = locked_versions()
+    assert not set(locked) & TORCH_DISTRIBUTIONS
+    for line in pyproject["project"]["optional-dependencies"]["service"]:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in locked, f"{name} is not locked in docker/api-constraints.txt"
+        assert requirement.specifier.contains(locked[name], prereleases=True), (line, locked[name])
+    build = parse_dockerfile(DOCKERFILES["api"])[0]
+    run = " ".join(args for instruction, args in build.instructions if instruction == "RUN")
+    assert "-c docker/api-constraints.txt" in run
+
+
 def test_extra_requirements_prints_the_service_extra(pyproject):
     result = subprocess.run(
         [sys.executable, str(REPO / "docker" / "extra_requirements.py"), "service"],
