@@ -14,6 +14,7 @@ loss, forward + backward of the scalar loss:
   mmap threshold fixed at 64 KiB, so every tensor is its own mapping, returned to the system when
   freed: the peak counts what the loss allocates (the scores' gradient included), not memory
   that an earlier case left in malloc's free lists;
+  with --device cuda, torch.cuda.max_memory_allocated above the allocated bytes before;
 - finite: the loss and the gradient are finite.
 "materialising" is the noised top-K loss written from the math the way the public reference does:
 (B, C, n_samples) noise and perturbed tensors, kthvalue, and a (B, C, n_samples) zeros tensor
@@ -55,11 +56,11 @@ class MaterialisingKthLargest(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, kth, epsilon, n_samples):  # type: ignore[override]
         batch, num_classes = scores.shape
-        noise = torch.randn(batch, num_classes, n_samples, dtype=scores.dtype)
+        noise = torch.randn(batch, num_classes, n_samples, dtype=scores.dtype, device=scores.device)
         perturbed = scores[:, :, None] + epsilon * noise
         # the kth largest is the (C - kth + 1)-th smallest
         values, indices = perturbed.kthvalue(num_classes - kth + 1, dim=1)  # [B, n_samples]
-        one_hot = torch.zeros(batch, num_classes, n_samples, dtype=scores.dtype)
+        one_hot = torch.zeros_like(noise)
         one_hot.scatter_(1, indices[:, None, :], 1.0)
         ctx.save_for_backward(one_hot)
         return values.mean(dim=1)
@@ -105,6 +106,13 @@ def read_status_kib(field: str) -> int:
 def measure_peak_extra(step: Callable[[], None]) -> int:
     """Bytes of peak resident memory above the resident size before `step` runs once."""
     gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # the --device cuda run
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # reset the peak (VmHWM) to the current resident size
     before = read_status_kib("VmRSS")
@@ -112,10 +120,17 @@ def measure_peak_extra(step: Callable[[], None]) -> int:
     return (read_status_kib("VmHWM") - before) * 1024
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_once(step: Callable[[], None], inner: int) -> float:
+    synchronize()
     start = time.perf_counter()
     for _ in range(inner):
         step()
+    synchronize()
     return (time.perf_counter() - start) / inner
 
 
@@ -182,13 +197,16 @@ def measure_peaks(names, batch, num_classes, k, args) -> dict[str, list]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def make_scores(batch, num_classes, *, realistic, dtype, seed=0):
+def make_scores(batch, num_classes, *, realistic, dtype, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
     std = 5.0 if realistic else 1.0
     plain = torch.randn(batch, num_classes, generator=gen) * std
     cosine = (plain / (3 * std)).clamp(-1.0, 1.0)
     labels = torch.randint(0, num_classes, (batch,), generator=gen)
-    return {"plain": plain.to(dtype), "cosine": cosine.to(dtype)}, labels
+    return {
+        "plain": plain.to(device, dtype),
+        "cosine": cosine.to(device, dtype),
+    }, labels.to(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads (default 1: on a shared machine more threads mostly measure the "
         "other processes' load; 0 = torch's default)",
     )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: peak from torch.cuda"
+    )
     parser.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -239,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print(
-        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, "
+        f"# torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
+        f"dtype {args.dtype}, "
         f"sampler {args.sampler}, scores std {5 if args.realistic else 1}, epsilon 1, "
         f"n_samples {N_SAMPLES}"
     )
@@ -250,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch in batches:
         for num_classes in classes:
             templates, labels = make_scores(
-                batch, num_classes, realistic=args.realistic, dtype=dtype
+                batch, num_classes, realistic=args.realistic, dtype=dtype, device=args.device
             )
             done_k_free: set[str] = set()
             for k in ks:
@@ -258,7 +280,16 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 names = [n for n in losses if not (n in K_FREE and n in done_k_free)]
                 done_k_free.update(n for n in names if n in K_FREE)
-                peaks = measure_peaks(["cross_entropy", *names], batch, num_classes, k, args)
+                if args.device == "cpu":
+                    peaks = measure_peaks(["cross_entropy", *names], batch, num_classes, k, args)
+                else:  # the CUDA caching allocator counts its own peak: no child needed
+                    peaks = {}
+                    for name in ["cross_entropy", *names]:
+                        step, outcome = prepare_step(
+                            name, templates, labels, k=k, sampler=args.sampler
+                        )
+                        peaks[name] = [measure_peak_extra(step), outcome["finite"]]
+                        del step
                 ce_peak = peaks["cross_entropy"][0]
                 for name in names:
                     seconds, ce_seconds, finite = time_case(
