@@ -45,6 +45,8 @@ from jobs.spec.data import AugmentSpec, DataSpec, ShardSource
 
 _REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Telling PIL the format skips probing every plugin; a wrong extension still fails cleanly.
+_PIL_FORMATS = {"jpg": ("JPEG",), "jpeg": ("JPEG",), "png": ("PNG",), "webp": ("WEBP",)}
 
 
 class DataPipelineError(RuntimeError):
@@ -195,6 +197,7 @@ def random_resized_crop_box(
 def decode_image(
     data: bytes,
     *,
+    image_ext: str | None = None,
     size: int,
     channels: int,
     train: bool,
@@ -207,7 +210,7 @@ def decode_image(
     enabled); eval: the central square resized to `size` (= resize shorter side + center crop).
     Crop and resize are one PIL call. Raises whatever PIL raises for undecodable bytes.
     """
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(image_ext))
     mode = "L" if channels == 1 else "RGB"
     if image.format == "JPEG":
         # Decode at a reduced DCT scale when the image is much larger than what we keep.
@@ -411,6 +414,7 @@ class _ShardStream(IterableDataset):
             try:
                 images[filled] = decode_image(
                     sample.image,
+                    image_ext=sample.image_ext,
                     size=self.size,
                     channels=self.channels,
                     train=self.train,

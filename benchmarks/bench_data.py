@@ -1,0 +1,213 @@
+"""Images per second of the training input pipeline, as a ratio to a plain read + decode loop.
+
+For Omniglot and Fashion-MNIST shards (written to a temporary folder), this measures:
+- the limit: one process that streams the same train shards and decodes every image with PIL
+  (`Image.open(...).load()`), nothing else; the bytes are read with the standard library's
+  `tarfile` (the plain loop) and, as a tighter limit, with the pipeline's own TarMemberReader;
+- the pipeline: `build_train_loader` (tar streaming, shuffle buffer, decode, random resized crop,
+  flip, normalise, batch, DataLoader IPC) with 1 and 2 DataLoader workers, in steady state (the
+  clock starts at the first batch, so worker start-up is not counted).
+Ratio per worker = pipeline / (limit x workers). Then the same through s3://
+from a local moto server process. Run: .venv/bin/python benchmarks/bench_data.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+from PIL import Image
+
+from jobs.data.dataset_info import read_dataset_info
+from jobs.data.pipeline import build_train_loader
+from jobs.data.shard_format import TarMemberReader
+from jobs.data.urls import open_url
+from jobs.data.writer import build_shards
+from jobs.spec.data import DataSpec
+
+OMNIGLOT_ZIP = "/work/shared/data/omniglot/images_background_small1.zip"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def tarfile_images(url: str):
+    """The image bytes of a shard, read with the standard library's tarfile (stream mode)."""
+    with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+        for member in archive:
+            if member.name.endswith(IMAGE_EXTENSIONS):
+                yield archive.extractfile(member).read()
+
+
+def member_reader_images(url: str):
+    """The image bytes of a shard, read with the pipeline's own TarMemberReader."""
+    with open_url(url) as stream:
+        reader = TarMemberReader(stream)
+        while (member := reader.next_member()) is not None:
+            if member[0].endswith(IMAGE_EXTENSIONS):
+                yield reader.read_data()
+
+
+def plain_decode_rate(shard_urls: list[str], read_images, min_seconds: float) -> float:
+    """Images/s of read + PIL decode over the shards (repeated until min_seconds passed)."""
+    images, started = 0, time.perf_counter()
+    while True:
+        for url in shard_urls:
+            for data in read_images(url):
+                Image.open(io.BytesIO(data)).load()
+                images += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return images / elapsed
+
+
+def plain_decode_cpu(shard_urls: list[str], read_images) -> float:
+    """CPU microseconds per image of read + PIL decode (immune to other processes' load)."""
+    images, started = 0, time.process_time()
+    for url in shard_urls:
+        for data in read_images(url):
+            Image.open(io.BytesIO(data)).load()
+            images += 1
+    return (time.process_time() - started) / images * 1e6
+
+
+def pipeline_cpu(dataset: str, *, num_classes: int, samples: int) -> float:
+    """CPU microseconds per image of the whole pipeline run in this process (0 workers)."""
+    spec = _spec(dataset, num_classes=num_classes, workers=0, samples=samples)
+    loader = build_train_loader(spec, batch_size=128, rank=0, world_size=1, epoch=0, seed=0)
+    images, started = 0, time.process_time()
+    for batch_images, _ in loader:
+        images += batch_images.shape[0]
+    return (time.process_time() - started) / images * 1e6
+
+
+def _spec(dataset: str, *, num_classes: int, workers: int, samples: int) -> DataSpec:
+    return DataSpec(
+        train=dataset,
+        num_classes=num_classes,
+        image_size=32,
+        channels=1,
+        loader_workers=workers,
+        shuffle_buffer=1000,
+        samples_per_epoch=samples,
+    )
+
+
+def pipeline_rate(dataset: str, *, num_classes: int, workers: int, samples: int) -> float:
+    """Steady-state images/s of one rank's training loader (decode + augment + batch)."""
+    spec = _spec(dataset, num_classes=num_classes, workers=workers, samples=samples)
+    loader = build_train_loader(spec, batch_size=128, rank=0, world_size=1, epoch=0, seed=0)
+    batches = iter(loader)
+    first_images, _ = next(batches)
+    started, images = time.perf_counter(), 0
+    for batch_images, _ in batches:
+        images += batch_images.shape[0]
+    del first_images
+    return images / (time.perf_counter() - started)
+
+
+def measure(name: str, dataset: str, num_classes: int, samples: int, min_seconds: float) -> None:
+    urls = read_dataset_info(dataset).shard_urls("train")
+    limit = plain_decode_rate(urls, tarfile_images, min_seconds)
+    tight = plain_decode_rate(urls, member_reader_images, min_seconds)
+    print(f"{name:<28} plain tarfile + PIL decode        {limit:>7.0f} img/s", flush=True)
+    print(f"{name:<28} plain TarMemberReader + PIL decode {tight:>6.0f} img/s", flush=True)
+    if not dataset.startswith("s3://"):
+        plain_cpu = plain_decode_cpu(urls, tarfile_images)
+        tight_cpu = plain_decode_cpu(urls, member_reader_images)
+        ours_cpu = pipeline_cpu(dataset, num_classes=num_classes, samples=samples)
+        print(
+            f"{name:<28} CPU us/image: tarfile+PIL {plain_cpu:.0f}, TarMemberReader+PIL "
+            f"{tight_cpu:.0f}, pipeline in-process {ours_cpu:.0f} -> ratios "
+            f"{plain_cpu / ours_cpu:.2f} and {tight_cpu / ours_cpu:.2f}",
+            flush=True,
+        )
+    for workers in (1, 2):
+        rate = pipeline_rate(dataset, num_classes=num_classes, workers=workers, samples=samples)
+        print(
+            f"{name:<28} pipeline, {workers} worker{'s' if workers > 1 else ' '}"
+            f"{rate:>22.0f} img/s  per worker: {rate / limit / workers:.2f} of tarfile+PIL, "
+            f"{rate / tight / workers:.2f} of TarMemberReader+PIL",
+            flush=True,
+        )
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller data, shorter runs")
+    args = parser.parse_args()
+    fashion_per_class = 1000 if args.quick else 3000
+    samples = 8000 if args.quick else 30000
+    min_seconds = 2.0 if args.quick else 5.0
+
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
+        datasets = {}
+        if os.path.exists(OMNIGLOT_ZIP):
+            datasets["omniglot (105px png)"] = (os.path.join(folder, "omniglot"), 136)
+            build_shards(
+                OMNIGLOT_ZIP,
+                datasets["omniglot (105px png)"][0],
+                progress=None,
+                shard_max_samples=500,
+            )
+        if os.path.exists(FASHION_MNIST_DIR):
+            datasets["fashion-mnist (28px png)"] = (os.path.join(folder, "fashion"), 10)
+            build_shards(
+                FASHION_MNIST_DIR,
+                datasets["fashion-mnist (28px png)"][0],
+                max_per_class=fashion_per_class,
+                progress=None,
+                shard_max_samples=2000,
+            )
+        print(f"CPUs: {os.cpu_count()}, image_size 32, batch 128, steady state", flush=True)
+        for name, (path, classes) in datasets.items():
+            measure(name, path, classes, samples, min_seconds)
+
+        server, endpoint = start_moto()
+        os.environ.update(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
+        try:
+            import s3fs
+
+            s3 = s3fs.S3FileSystem()
+            s3.mkdir("bench")
+            for name, (path, classes) in datasets.items():
+                remote = f"s3://bench/{os.path.basename(path)}"
+                s3.put(path + "/", remote[len("s3://") :] + "/", recursive=True)
+                measure(f"s3: {name}", remote, classes, samples, min_seconds)
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
