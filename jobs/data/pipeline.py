@@ -5,12 +5,14 @@ Stages, in order (each a small function below):
 1. `resolve_shards`  the spec's URLs (brace pattern, list, or dataset.json) -> checked shard URLs
 2. `plan_readers`    shards -> (rank x DataLoader worker) slots; fewer shards than slots are
                      split by sample index, so evaluation reads every sample exactly once
-3. `_read_records`   tar streaming of each assigned shard, bad samples counted per reason
-4. `_shuffled`       (train) an epoch-seeded shuffle buffer
+3. `_read_tasks`     tar streaming of each assigned shard, bad samples counted per reason
+4. `_cycled`         (train) passes over the slot's shards through an epoch-seeded shuffle
+                     buffer (`_shuffled`), repeated until the slot's batch quota is met
 5. `decode_image`    PIL decode + crop/resize + flip into uint8 arrays
-6. `_batches`        fixed-size uint8 batches with per-batch skip counters
-7. `ShardLoader`     the DataLoader in the rank's process: normalises, sums the counters into
-                     `.stats`, and turns a worker's error into a DataPipelineError
+6. `_batches`        fixed-size batches, normalised in the worker (`_emit`), each carrying the
+                     skip counters since the previous one (how workers report back)
+7. `ShardLoader`     the DataLoader in the rank's process: sums the counters into `.stats`
+                     and turns a worker's error into a DataPipelineError
 
 Training: every rank yields exactly `steps_per_epoch` batches (from `samples_per_epoch` or the
 dataset.json count), each worker cycling its shards if it runs short, so no rank waits at the
