@@ -275,6 +275,7 @@ class _ShardStream(IterableDataset):
         self.size, self.channels, self.augment = size, channels, augment
         self.shuffle_buffer, self.max_bad_fraction = shuffle_buffer, max_bad_fraction
         self._counters = np.zeros(len(SKIP_REASONS), dtype=np.int64)
+        self._decoded = 0
         # (x / 255 - mean) / std == x * scale - shift, per channel
         mean = np.broadcast_to(np.asarray(augment.mean, np.float32), (channels,))
         std = np.broadcast_to(np.asarray(augment.std, np.float32), (channels,))
@@ -291,6 +292,7 @@ class _ShardStream(IterableDataset):
         tasks = plan_readers(order, self.shards.samples, num_slots)[slot]
         rng = random.Random(f"sample:{self.seed}:{self.epoch}:{slot}")
         self._counters[:] = 0
+        self._decoded = 0
         try:
             if self.train:
                 assert self.steps is not None
@@ -373,11 +375,11 @@ class _ShardStream(IterableDataset):
         if not tasks:
             return
         while True:
-            good = 0
-            for item in self._shuffled(self._read_tasks(tasks), rng):
-                good += 1
-                yield item
-            if good == 0:
+            # _batches decodes each item before asking for the next, so at the end of a pass
+            # self._decoded counts this pass's decodable samples too.
+            decoded_before = self._decoded
+            yield from self._shuffled(self._read_tasks(tasks), rng)
+            if self._decoded == decoded_before:
                 urls = ", ".join(self.shards.urls[t.shard] for t in tasks)
                 raise DataPipelineError(f"{self.shards.field}: no readable samples in {urls}")
             tasks = tasks[:]
@@ -430,6 +432,7 @@ class _ShardStream(IterableDataset):
                 continue
             labels[filled] = sample.label
             filled += 1
+            self._decoded += 1
             if filled == self.batch_size:
                 yield self._emit(images, labels, filled)
                 filled = 0

@@ -160,9 +160,11 @@ def test_train_fails_past_the_threshold_through_a_worker(tmp_path):
         list(loader)
 
 
-def test_shard_without_any_good_sample_fails_training(tmp_path):
+@pytest.mark.parametrize("reason", ["missing_label", "bad_image"])
+def test_shard_without_any_good_sample_fails_training(tmp_path, reason):
+    """Even when every bad sample is tolerated (max_bad_fraction 1), training cannot hang."""
     shard = tmp_path / "shard.tar"
-    shard.write_bytes(tar_bytes(BAD_CASES["missing_label"]))
+    shard.write_bytes(tar_bytes(BAD_CASES[reason]))
     loader = build_train_loader(
         spec_for([str(shard)]), batch_size=2, rank=0, world_size=1, epoch=0, seed=0
     )
