@@ -201,3 +201,31 @@ def test_operator_with_lazy_sampler_has_unit_gradient_rows():
         smoothed_kth_largest(
             scores, 2, epsilon=1.0, n_samples=1, sampler="lazy", noise=torch.zeros(1, 32, 600)
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_lazy_matches_full_sampling_in_distribution():
+    classes, k, epsilon, n_samples, repeats = 50, 3, 0.5, 5, 2000
+    kinds = row_types(classes, seed=0)
+    scores = interleaved(kinds, repeats).cuda()
+    lazy_values, lazy_indices = sample_kth_largest_lazy(
+        scores,
+        k,
+        epsilon,
+        n_samples,
+        generator=torch.Generator(device="cuda").manual_seed(1),
+        delta=1.5,
+        max_expected_proposals=3.0,
+    )
+    full_values, full_indices = sample_kth_largest_full(
+        scores, k, epsilon, n_samples, generator=torch.Generator(device="cuda").manual_seed(2)
+    )
+    for kind in range(len(kinds)):
+        ks, chi, tv, tv_limit = distribution_gap(
+            lazy_values[kind :: len(kinds)].cpu(),
+            lazy_indices[kind :: len(kinds)].cpu(),
+            full_values[kind :: len(kinds)].cpu(),
+            full_indices[kind :: len(kinds)].cpu(),
+            classes,
+        )
+        assert ks > P_MIN and chi > P_MIN and tv < tv_limit, (kind, ks, chi, tv)

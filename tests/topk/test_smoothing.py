@@ -329,3 +329,61 @@ def test_peak_memory_stays_within_twice_cross_entropy():
     assert cross_entropy >= scores_kib  # it measured something: at least the softmax output
     assert after_full < 2 * cross_entropy
     assert after_lazy < 2 * cross_entropy
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_matches_cpu_with_the_same_noise():
+    gen = torch.Generator().manual_seed(12)
+    scores = torch.randn(16, 300, generator=gen)
+    noise = torch.randn(5, 16, 300, generator=gen)
+    values, grads = [], []
+    for device in ("cpu", "cuda"):
+        on_device = scores.to(device).requires_grad_()
+        value = smoothed_kth_largest(on_device, 6, epsilon=1.0, n_samples=5, noise=noise.to(device))
+        (grad,) = torch.autograd.grad(value.sum(), on_device)
+        values.append(value.cpu())
+        grads.append(grad.cpu())
+    torch.testing.assert_close(values[1], values[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+@needs_cuda
+@pytest.mark.parametrize("sampler", ["full", "lazy"])
+def test_cuda_generator_default_device_and_errors(sampler):
+    scores = 5.0 * torch.randn(64, 2000, device="cuda")
+
+    def draw(seed):
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        return smoothed_kth_largest(
+            scores, 6, epsilon=1.0, n_samples=5, generator=generator, sampler=sampler
+        )
+
+    first, again, other = draw(1), draw(1), draw(2)
+    assert first.device.type == "cuda"
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.equal(first, other)
+    torch.cuda.manual_seed(3)
+    default = smoothed_kth_largest(scores, 6, epsilon=1.0, sampler=sampler)
+    torch.cuda.manual_seed(3)
+    torch.testing.assert_close(
+        default, smoothed_kth_largest(scores, 6, epsilon=1.0, sampler=sampler), rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match="generator is on cpu but the scores are on cuda"):
+        smoothed_kth_largest(scores, 6, epsilon=1.0, generator=torch.Generator(), sampler=sampler)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_forward_and_backward(dtype):
+    layer = torch.nn.Linear(32, 500).cuda()
+    features = torch.randn(8, 32, device="cuda")
+    with torch.autocast(device_type="cuda", dtype=dtype):
+        scores = layer(features)
+        assert scores.dtype == dtype
+        value = smoothed_kth_largest(scores, 3, epsilon=1.0, n_samples=5, sampler="lazy")
+    assert value.dtype == dtype
+    value.float().sum().backward()
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
