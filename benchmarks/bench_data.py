@@ -174,6 +174,15 @@ def main() -> int:
                 progress=None,
                 shard_max_samples=500,
             )
+            # JPEG: the pipeline decodes at a reduced DCT scale (PIL draft) when it may
+            datasets["omniglot (105px jpeg)"] = (os.path.join(folder, "omniglot-jpeg"), 136)
+            build_shards(
+                OMNIGLOT_ZIP,
+                datasets["omniglot (105px jpeg)"][0],
+                progress=None,
+                shard_max_samples=500,
+                image_format="jpeg",
+            )
         if os.path.exists(FASHION_MNIST_DIR):
             datasets["fashion-mnist (28px png)"] = (os.path.join(folder, "fashion"), 10)
             build_shards(

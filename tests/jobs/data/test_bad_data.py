@@ -190,3 +190,13 @@ def test_inspect_lists_every_bad_sample_with_shard_and_key(tmp_path):
     assert report.splits["val"].samples == 3
     assert {(b.key, b.reason) for b in report.bad} == {(f"bad_{r}", r) for r in BAD_CASES}
     assert all(b.shard == str(tmp_path / "val-0.tar") for b in report.bad)
+
+
+def test_gzipped_shards_read_through_a_brace_pattern(tmp_path):
+    import gzip
+
+    for n in range(3):
+        (tmp_path / f"part-{n}.tar.gz").write_bytes(gzip.compress(tar_bytes(good_members(10 * n))))
+    pattern = str(tmp_path / "part-{0..2}.tar.gz")
+    ids, stats = evaluate(spec_for(pattern))
+    assert sorted(ids) == list(range(30)) and stats.skipped_total == 0
