@@ -70,34 +70,31 @@ def sample_kth_largest_full(
     Peak extra memory: one [rows, classes] buffer (a few more rows for tiny inputs).
     """
     rows, classes = scores.shape
-    values = scores.new_empty(rows, n_samples)
-    indices = torch.empty(rows, n_samples, dtype=torch.long, device=scores.device)
+    if epsilon == 0.0 and noise is None:  # the hard operator: every draw is the same
+        top = torch.topk(scores, k, dim=-1)
+        return (
+            top.values[:, k - 1 : k].expand(rows, n_samples),
+            top.indices[:, k - 1 : k].expand(rows, n_samples),
+        )
+
+    # topk writes each draw's top k straight into these (no per-draw copies); [n, rows, k].
+    top_values = scores.new_empty(n_samples, rows, k)
+    top_indices = torch.empty(n_samples, rows, k, dtype=torch.long, device=scores.device)
     if noise is not None:
         for draw in range(n_samples):
             noised = torch.add(scores, noise[draw].to(scores.dtype), alpha=epsilon)
-            top = torch.topk(noised, k, dim=-1)
-            values[:, draw] = top.values[:, k - 1]
-            indices[:, draw] = top.indices[:, k - 1]
-        return values, indices
-
-    if epsilon == 0.0:  # the hard operator: every draw is the same, so draw nothing
-        top = torch.topk(scores, k, dim=-1)
-        values.copy_(top.values[:, k - 1 : k].expand(rows, n_samples))
-        indices.copy_(top.indices[:, k - 1 : k].expand(rows, n_samples))
-        return values, indices
-
-    per_chunk = max(1, min(n_samples, _SMALL_BUFFER_ELEMENTS // max(1, rows * classes)))
-    buffer = scores.new_empty(per_chunk, rows, classes)
-    for start in range(0, n_samples, per_chunk):
-        count = min(per_chunk, n_samples - start)
-        chunk = buffer[:count]
-        chunk.normal_(generator=generator)
-        torch.add(scores, chunk, alpha=epsilon, out=chunk)
-        top = torch.topk(chunk, k, dim=-1)
-        # top.* have shape [count, rows, k]; column k - 1 is the k-th largest.
-        values[:, start : start + count] = top.values[..., k - 1].T
-        indices[:, start : start + count] = top.indices[..., k - 1].T
-    return values, indices
+            torch.topk(noised, k, dim=-1, out=(top_values[draw], top_indices[draw]))
+    else:
+        per_chunk = max(1, min(n_samples, _SMALL_BUFFER_ELEMENTS // max(1, rows * classes)))
+        buffer = scores.new_empty(per_chunk, rows, classes)
+        for start in range(0, n_samples, per_chunk):
+            stop = min(start + per_chunk, n_samples)
+            chunk = buffer[: stop - start]
+            chunk.normal_(generator=generator)
+            torch.add(scores, chunk, alpha=epsilon, out=chunk)
+            torch.topk(chunk, k, dim=-1, out=(top_values[start:stop], top_indices[start:stop]))
+    # Column k - 1 is the k-th largest; [n, rows] -> [rows, n].
+    return top_values[..., k - 1].T, top_indices[..., k - 1].T
 
 
 class _MeanOneHotSelection(torch.autograd.Function):
@@ -177,15 +174,43 @@ def smoothed_kth_largest(
         if sampler != "full":
             raise ValueError("explicit noise is only supported with sampler='full'")
 
+    rows_view = scores.movedim(dim, -1)
+    leading_shape = rows_view.shape[:-1]
+    rows_view = rows_view.reshape(-1, classes)
+    if not torch.isfinite(rows_view).all():
+        raise ValueError("scores contain NaN or infinite values")
+    if noise is not None:
+        noise = noise.movedim(dim + 1, -1).reshape(n_samples, -1, classes)
+    result = smoothed_kth_largest_rows(
+        rows_view,
+        k,
+        epsilon=epsilon,
+        n_samples=n_samples,
+        generator=generator,
+        noise=noise,
+        sampler=sampler,
+    )
+    return result.reshape(leading_shape)
+
+
+def smoothed_kth_largest_rows(
+    scores: torch.Tensor,
+    k: int,
+    *,
+    epsilon: float,
+    n_samples: int,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    sampler: str = "full",
+) -> torch.Tensor:
+    """smoothed_kth_largest for callers that have validated their input: scores [rows, classes]
+    finite, 1 <= k <= classes, epsilon >= 0, n_samples >= 1, sampler valid, the generator on
+    the scores' device, noise None or [n_samples, rows, classes] (sampler "full"). Returns
+    [rows] in the scores' dtype. The losses call this after their own checks, so that a batch
+    is not scanned twice (and a GPU not synchronised twice) for non-finite values.
+    """
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        rows_view = scores.movedim(dim, -1)
-        leading_shape = rows_view.shape[:-1]
-        rows_view = rows_view.reshape(-1, classes)
-        work = rows_view.detach().to(working_dtype(scores.dtype))
-        if not torch.isfinite(work).all():
-            raise ValueError("scores contain NaN or infinite values")
-        if noise is not None:
-            noise = noise.movedim(dim + 1, -1).reshape(n_samples, -1, classes)
+        work = scores.detach().to(working_dtype(scores.dtype))
         if sampler == "lazy" and epsilon > 0.0:
             from topk.lazy_sampling import sample_kth_largest_lazy
 
@@ -196,5 +221,4 @@ def smoothed_kth_largest(
             values, indices = sample_kth_largest_full(
                 work, k, epsilon, n_samples, generator=generator, noise=noise
             )
-        result = _MeanOneHotSelection.apply(rows_view, values, indices)
-    return result.reshape(leading_shape)
+        return _MeanOneHotSelection.apply(scores, values, indices)

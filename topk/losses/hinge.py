@@ -14,7 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from topk.smoothing import check_sampler, smoothed_kth_largest, working_dtype
+from topk.smoothing import (
+    check_generator,
+    check_sampler,
+    smoothed_kth_largest_rows,
+    working_dtype,
+)
 from topk.validation import (
     check_class_counts,
     check_positive_float,
@@ -114,7 +119,8 @@ class NoisedTopKLoss(nn.Module):
     ) -> torch.Tensor:
         check_scores_labels(scores, labels, k=self.k)
         work = scores.to(working_dtype(scores.dtype))
-        kth = smoothed_kth_largest(
+        check_generator(generator, scores.device)
+        kth = smoothed_kth_largest_rows(
             work,
             self.k + 1,
             epsilon=self.epsilon,
@@ -184,7 +190,8 @@ class NoisedTopKImbalancedLoss(nn.Module):
     ) -> torch.Tensor:
         check_scores_labels(scores, labels, k=self.k, num_classes=self.num_classes)
         work = scores.to(working_dtype(scores.dtype))
-        kth = smoothed_kth_largest(
+        check_generator(generator, scores.device)
+        kth = smoothed_kth_largest_rows(
             work,
             self.k + 1,
             epsilon=self.epsilon,
