@@ -7,7 +7,9 @@ Usage: python benchmarks/bench_losses.py [--quick] [--B 256] [--C 1000 100000] [
 For each (B, C, k) the program builds one batch of scores [B, C] and labels and measures, for each
 loss, forward + backward of the scalar loss:
 - time: the median over repetitions, each repetition timing the loss and cross-entropy back to back
-  on the same inputs (so the ratio survives the load of a shared machine), default allocator;
+  on the same inputs (so the ratio survives the load of a shared machine), default allocator.
+  With one CPU thread (the default) the clock is the process's CPU time (user + system, page
+  faults included), which other processes' load does not inflate; otherwise wall time;
 - peak extra memory: in a child process per (B, C, k), the peak resident set size during the first
   forward + backward minus the resident size just before (Linux: writing 5 to
   /proc/self/clear_refs resets the peak, VmHWM in /proc/self/status). The child runs with glibc's
@@ -125,13 +127,18 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+# The clock for timings: wall time by default; main() switches to the process's CPU time for
+# single-threaded CPU runs, which other processes' load on a shared machine does not inflate.
+CLOCK = {"now": time.perf_counter}
+
+
 def time_once(step: Callable[[], None], inner: int) -> float:
     synchronize()
-    start = time.perf_counter()
+    start = CLOCK["now"]()
     for _ in range(inner):
         step()
     synchronize()
-    return (time.perf_counter() - start) / inner
+    return (CLOCK["now"]() - start) / inner
 
 
 def prepare_step(name, templates, labels, *, k, sampler):
@@ -242,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu" and torch.get_num_threads() == 1:
+        CLOCK["now"] = time.process_time
     batches = args.B or (QUICK["B"] if args.quick else DEFAULT_B)
     classes = args.C or (QUICK["C"] if args.quick else DEFAULT_C)
     ks = args.k or (QUICK["k"] if args.quick else DEFAULT_K)
@@ -260,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print(
-        f"# torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
+        f"# torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads "
+        f"({'CPU' if CLOCK['now'] is time.process_time else 'wall'} time), "
         f"dtype {args.dtype}, "
         f"sampler {args.sampler}, scores std {5 if args.realistic else 1}, epsilon 1, "
         f"n_samples {N_SAMPLES}"

@@ -50,11 +50,14 @@ def _tree_levels(num_classes: int, k: int) -> list[tuple[int, int, int]]:
 
 
 def _logsumexp_finite(terms: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the last dim of finite terms: fewer passes than torch.logsumexp, which
-    also guards against infinities that cannot occur here. The shift is detached: the value
-    does not depend on it, so neither does the gradient."""
+    """logsumexp over the last dim of finite terms, consuming `terms` (a fresh temporary).
+
+    Fewer passes and temporaries than torch.logsumexp, which guards against infinities that
+    cannot occur here: shift and exp run in place (large fresh tensors cost page faults here).
+    The shift is detached: the value does not depend on it, so neither does the gradient.
+    """
     shift = terms.detach().amax(dim=-1, keepdim=True)
-    return (terms - shift).exp().sum(dim=-1).log() + shift.squeeze(-1)
+    return terms.sub_(shift).exp_().sum(dim=-1).log_() + shift.squeeze(-1)
 
 
 def _merge(poly: torch.Tensor, new_degree: int) -> torch.Tensor:
