@@ -123,11 +123,11 @@ def smooth_topk_svm(
 ) -> torch.Tensor:
     """Per-row smooth top-k SVM loss: scores [B, C] (float32 or float64), labels [B] -> [B].
 
-    Rows whose log e_k and log e_{k-1} are each dominated by a single subset to the resolution
-    eps of the scores' dtype (the gaps around the k-th largest other score exceed
-    k * tau * log(k C / eps), which bounds the other subsets' share by eps)
-    use the hard limit of those terms, the top-k SVM, as Berrada et al.'s implementation does;
-    so does any row whose smooth value is not finite. No input checks: see SmoothTopKSVMLoss.
+    Where log e_k and log e_{k-1} are each dominated by one subset to the resolution eps of the
+    scores' dtype (the gaps around the k-th largest other score exceed k * tau * log(k C / eps),
+    which bounds the other subsets' share by eps), log e_k - log e_{k-1} is replaced by its hard
+    limit, the k-th largest other x, as Berrada et al.'s implementation falls back to the hard
+    top-k SVM; so is any non-finite smooth value. No input checks: see SmoothTopKSVMLoss.
     """
     batch, num_classes = scores.shape
     # x = s / (k tau), shifted by the row maximum: the shift cancels in the loss, and it keeps
