@@ -34,13 +34,16 @@ class AugmentSpec(BaseModel):
 
 
 def _check_source(source: ShardSource) -> ShardSource:
-    """Refuse `pipe:`, chained and non-allow-listed URLs and bad brace patterns, without I/O."""
+    """Refuse what no configuration allows (`pipe:` and chained URLs) and bad brace patterns,
+    without I/O. The protocol allow-list and local roots are settings: TrainSpec checks them
+    with the validation context, and the loaders check every URL again before reading."""
     urls = source if isinstance(source, list) else [source]
     if not urls:
         raise ValueError("empty list of shard URLs")
     for url in urls:
         for expanded in expand_braces(url.partition("#")[0]):
-            check_url(expanded)
+            if expanded.strip().lower().startswith("pipe:") or "::" in expanded:
+                check_url(expanded)  # raises, naming the reason
     return source
 
 
@@ -62,7 +65,7 @@ class DataSpec(BaseModel):
 
     @field_validator("train", "val")
     @classmethod
-    def _allowed_urls(cls, source: ShardSource | None) -> ShardSource | None:
+    def _refuse_unsafe_urls(cls, source: ShardSource | None) -> ShardSource | None:
         return None if source is None else _check_source(source)
 
     @model_validator(mode="after")

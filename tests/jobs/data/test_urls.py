@@ -95,7 +95,7 @@ def test_missing_urls_on_local_and_memory(tmp_path):
     ("train", "location"),
     [
         ("pipe:cat shard.tar", ("train",)),
-        (["s3://b/ok.tar", "ftp://h/x.tar"], ("train",)),
+        (["s3://b/ok.tar", "simplecache::s3://b/x.tar"], ("train",)),
         ("s3://b/x-{3..1}.tar", ("train",)),
     ],
 )
