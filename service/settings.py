@@ -33,6 +33,7 @@ class Settings:
     retry_backoff_s: float = 5.0
     reconcile_interval_s: float = 2.0
     job_python: str = "python"
+    worker_threads: int = 8
     test_crash_at: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +78,7 @@ class Settings:
             ("max_attempts", "TOPK_MAX_ATTEMPTS", int),
             ("retry_backoff_s", "TOPK_RETRY_BACKOFF_S", float),
             ("reconcile_interval_s", "TOPK_RECONCILE_INTERVAL_S", float),
+            ("worker_threads", "TOPK_WORKER_THREADS", int),
         ):
             if env.get(var):
                 try:
