@@ -107,8 +107,8 @@ def run_build(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         return _fail("build", exc, 2)
-    except OSError as exc:
-        return _fail("build", exc, 1)
+    except Exception as exc:  # storage drivers raise their own types (credentials, network)
+        return _fail("build", f"{type(exc).__name__}: {exc}", 1)
     print(summary.format())
     return 0
 
@@ -123,7 +123,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         report = inspect_dataset(args.url, progress=None if args.quiet else progress)
     except ValueError as exc:
         return _fail("inspect", exc, 2)
-    except OSError as exc:
-        return _fail("inspect", exc, 1)
+    except Exception as exc:  # storage drivers raise their own types (credentials, network)
+        return _fail("inspect", f"{type(exc).__name__}: {exc}", 1)
     print(report.format())
     return 0 if report.ok else 1

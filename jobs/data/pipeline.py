@@ -128,7 +128,10 @@ def resolve_shards(
         raise ValueError(f"{field}: {exc}") from None
     if not shards.urls:
         raise ValueError(f"{field}: no shards")
-    missing = missing_urls(shards.urls)
+    try:
+        missing = missing_urls(shards.urls)
+    except ValueError as exc:  # no fsspec driver for the protocol
+        raise ValueError(f"{field}: {exc}") from None
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataPipelineError(f"{field}: shard {missing[0]} does not exist{more}")
@@ -336,9 +339,10 @@ class _ShardStream(IterableDataset):
             tally = _ShardTally(url, expected)
             try:
                 stream = open_url(url)
-            except (FileNotFoundError, OSError) as exc:
+            except Exception as exc:  # missing object, no driver, storage credentials, network
+                reason = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
                 raise DataPipelineError(
-                    f"{self.shards.field}: cannot open shard {url}: {exc}"
+                    f"{self.shards.field}: cannot open shard {url}: {reason}"
                 ) from None
             with stream:
                 try:

@@ -132,10 +132,14 @@ def parent_url(url: str) -> str:
 
 
 def filesystem_for(url: str, **storage_options: Any) -> tuple[Any, str]:
-    """The fsspec filesystem and in-filesystem path for a checked URL."""
+    """The fsspec filesystem and in-filesystem path for a checked URL. Raises ValueError when
+    the protocol's fsspec driver (s3fs, gcsfs, aiohttp) is not installed."""
     import fsspec.core
 
-    return fsspec.core.url_to_fs(url, **storage_options)
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options)
+    except ImportError as exc:
+        raise ValueError(f"cannot open {url}: {exc}") from None
 
 
 def open_url(url: str, mode: str = "rb", **storage_options: Any) -> IO[bytes]:

@@ -113,3 +113,13 @@ def test_data_spec_checks_normalisation_against_channels():
         DataSpec(train="d/", num_classes=3, augment={"std": [0.0]})
     with pytest.raises(ValidationError, match="extra"):
         DataSpec(train="d/", num_classes=3, shuffle=True)
+
+
+def test_a_protocol_without_its_driver_is_a_clear_error():
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="cannot open gs://b.*install gcsfs"):
+            missing_urls(["gs://b/x.tar"])
+    else:
+        pytest.skip("gcsfs is installed here")
