@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "of one, a .npz (arrays images, labels) or a folder of IDX files (Fashion-MNIST). "
         "OUT: a local folder or fsspec URL (s3://bucket/prefix, memory://name).",
     )
-    build.add_argument("source")
-    build.add_argument("out")
+    build.add_argument("source", metavar="SOURCE")
+    build.add_argument("out", metavar="OUT")
     build.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     build.add_argument("--val-fraction", type=float, default=0.2, help="per class (default 0.2)")
     build.add_argument("--test-fraction", type=float, default=0.0, help="per class (default 0)")
@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read and decode every sample of the dataset at URL (a folder, prefix or "
         "dataset.json URL), print totals per split and each bad sample; exit 1 if any is bad.",
     )
-    inspect.add_argument("url")
+    inspect.add_argument("url", metavar="URL")
     inspect.add_argument("--quiet", action="store_true", help="no progress lines")
     inspect.set_defaults(handler=run_inspect)
 
