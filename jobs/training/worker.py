@@ -144,7 +144,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         resumed_from = state.epoch
     model = ray.train.torch.prepare_model(model)
-    metrics_log = MetricsLog(join(run_dir, "metrics.jsonl"), keep_through_epoch=state.epoch)
+    metrics_log = None
+    if rank == 0:  # the only writer of metrics.jsonl
+        metrics_log = MetricsLog(join(run_dir, "metrics.jsonl"), keep_through_epoch=state.epoch)
     select, mode = spec.metrics.select, spec.metrics.mode
     ks = sorted(set(spec.metrics.ks))
     amp = spec.amp and device.type == "cuda"
@@ -201,7 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if improved:
                 state.best_metric, state.best_epoch = float(value), epoch
         state.epoch = epoch
-        if rank == 0:
+        if metrics_log is not None:
             metrics_log.append(metrics)
 
         with tempfile.TemporaryDirectory(prefix="topk-ckpt-") as directory:
