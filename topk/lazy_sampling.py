@@ -41,6 +41,8 @@ _TARGET_PROPOSALS = 0.25
 DEFAULT_MAX_EXPECTED_PROPOSALS = 16.0
 # Below this many classes full sampling is as cheap as the bookkeeping.
 _MIN_CLASSES = 256
+# Classes per block in the candidate search (one maximum per block in the first pass).
+_BLOCK = 32
 
 
 def _std_normal_sf_inverse(probability: float) -> float:
@@ -48,25 +50,76 @@ def _std_normal_sf_inverse(probability: float) -> float:
     return -float(torch.special.ndtri(torch.tensor(probability, dtype=torch.float64)))
 
 
-def _candidate_sets(
-    scores: torch.Tensor, above: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classes marked in `above`, padded: (columns [rows, width] ascending within a row,
-    padded with `classes`; their scores [rows, width], padded with -inf).
+def _find_candidates(
+    scores: torch.Tensor, k: int, delta: float, max_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every class with s_j > tau, per row, where tau <= s_(k) - delta.
 
-    scores: [rows, classes]; above: [rows, classes] bool; counts: [rows], its row sums.
+    Returns (tau [rows], searched [rows] bool, row_of [m], column [m], candidate scores [m]) with
+    the m candidates grouped by row, columns ascending within a row. One pass over the scores
+    (the maximum of each block of _BLOCK classes) finds the blocks that can hold a candidate;
+    only those are read again, and only in rows with at most `max_blocks` of them (`searched`;
+    the other rows have more than max_blocks candidates and get none listed), so the work and
+    memory stay small where candidates are few. tau comes from the k-th largest block maximum,
+    a lower bound of s_(k) (equal unless two of the top k share a block): a lower tau only adds
+    candidates.
     """
     rows, classes = scores.shape
+    whole = classes // _BLOCK
+    tail = scores[:, whole * _BLOCK :]  # the last classes % _BLOCK classes
+    if whole < k:  # fewer blocks than k: take s_(k) itself and read every class
+        tau = torch.topk(scores, k, dim=1).values[:, k - 1] - delta
+        above = scores > tau.unsqueeze(1)
+        searched = above.sum(dim=1) <= max_blocks * _BLOCK
+        row_of, column = (above & searched.unsqueeze(1)).nonzero(as_tuple=True)
+        return tau, searched, row_of, column, scores[row_of, column]
+
+    blocks = scores[:, : whole * _BLOCK].unflatten(1, (whole, _BLOCK))  # a view
+    block_max = blocks.amax(dim=2)  # [rows, whole]
+    tau = torch.topk(block_max, k, dim=1).values[:, k - 1] - delta
+    hit_block = block_max > tau.unsqueeze(1)
+    tail_above = tail > tau.unsqueeze(1)
+    searched = hit_block.sum(dim=1) + tail_above.any(dim=1) <= max_blocks
+    hit_block &= searched.unsqueeze(1)
+    tail_above &= searched.unsqueeze(1)
+
+    hit_row, hit_index = hit_block.nonzero(as_tuple=True)
+    hit_scores = blocks[hit_row, hit_index]  # [hits, _BLOCK]
+    hit, offset = (hit_scores > tau[hit_row].unsqueeze(1)).nonzero(as_tuple=True)
+    row_of = hit_row[hit]
+    column = hit_index[hit] * _BLOCK + offset
+    candidate_score = hit_scores[hit, offset]
+    if tail.shape[1]:
+        tail_row, tail_offset = tail_above.nonzero(as_tuple=True)
+        if tail_row.numel():
+            # Tail classes come last in a row: merge by (row, column) order.
+            row_of = torch.cat([row_of, tail_row])
+            column = torch.cat([column, tail_offset + whole * _BLOCK])
+            candidate_score = torch.cat([candidate_score, tail[tail_row, tail_offset]])
+            order = torch.argsort(row_of * classes + column)
+            row_of, column, candidate_score = row_of[order], column[order], candidate_score[order]
+    return tau, searched, row_of, column, candidate_score
+
+
+def _candidate_sets(
+    rows: int,
+    classes: int,
+    row_of: torch.Tensor,
+    column: torch.Tensor,
+    candidate_score: torch.Tensor,
+    counts: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad the candidates (grouped by row, ascending columns; counts [rows] per row, >= 1) to
+    (columns [rows, width] padded with `classes`, scores [rows, width] padded with -inf)."""
     width = int(counts.max())
-    row_of, column = above.nonzero(as_tuple=True)
     starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(row_of.numel(), device=scores.device) - starts[row_of]
-    columns = torch.full((rows, width), classes, dtype=torch.long, device=scores.device)
+    slot = torch.arange(row_of.numel(), device=row_of.device) - starts[row_of]
+    columns = torch.full((rows, width), classes, dtype=torch.long, device=row_of.device)
     columns[row_of, slot] = column
     candidate_scores = torch.full(
-        (rows, width), -math.inf, dtype=scores.dtype, device=scores.device
+        (rows, width), -math.inf, dtype=candidate_score.dtype, device=row_of.device
     )
-    candidate_scores[row_of, slot] = scores[row_of, column]
+    candidate_scores[row_of, slot] = candidate_score
     return columns, candidate_scores
 
 
@@ -136,58 +189,57 @@ def sample_kth_largest_lazy(
     if delta is None:
         delta = epsilon * _std_normal_sf_inverse(_TARGET_PROPOSALS / classes)
 
-    kth_score = torch.topk(scores, k, dim=1).values[:, k - 1]
-    threshold = kth_score - delta
-    above = scores > threshold.unsqueeze(1)
-    candidate_counts = above.sum(dim=1, dtype=torch.int32).long()
     # Candidate noise is [rows, n_samples, candidates]: keep it within O(rows * classes).
     max_candidates = max(k, classes // (2 * n_samples)) if automatic else classes
-    lazy_row = candidate_counts <= max_candidates
+    # Each hit block holds a candidate; few blocks also bound the search's memory.
+    max_blocks = max(1, max_candidates // 4) if automatic else classes
+    tau, searched, row_of, column, candidate_score = _find_candidates(scores, k, delta, max_blocks)
+    counts = torch.bincount(row_of, minlength=rows)
+    lazy_row = searched & (counts <= max_candidates)
     n_lazy = int(lazy_row.sum())
     if automatic and n_lazy * 2 < rows:
         return sample_kth_largest_full(scores, k, epsilon, n_samples, generator=generator)
-
-    values = scores.new_empty(rows, n_samples)
-    indices = torch.empty(rows, n_samples, dtype=torch.long, device=device)
-    if n_lazy < rows:
-        full_rows = (~lazy_row).nonzero().squeeze(1)
-        full_values, full_indices = sample_kth_largest_full(
-            scores[full_rows], k, epsilon, n_samples, generator=generator
-        )
-        values[full_rows] = full_values
-        indices[full_rows] = full_indices
-        lazy_rows = lazy_row.nonzero().squeeze(1)
-        lazy_values, lazy_indices = _sample_lazy_rows(
-            scores[lazy_rows],
-            above[lazy_rows],
-            candidate_counts[lazy_rows],
-            threshold[lazy_rows],
+    if n_lazy == rows:
+        return _sample_lazy_rows(
+            scores,
+            (row_of, column, candidate_score, counts),
+            tau,
             k,
             epsilon,
             n_samples,
             generator,
             max_expected_proposals,
         )
-        values[lazy_rows] = lazy_values
-        indices[lazy_rows] = lazy_indices
-        return values, indices
-    return _sample_lazy_rows(
-        scores,
-        above,
-        candidate_counts,
-        threshold,
+
+    values = scores.new_empty(rows, n_samples)
+    indices = torch.empty(rows, n_samples, dtype=torch.long, device=device)
+    full_rows = (~lazy_row).nonzero().squeeze(1)
+    full_values, full_indices = sample_kth_largest_full(
+        scores[full_rows], k, epsilon, n_samples, generator=generator
+    )
+    values[full_rows] = full_values
+    indices[full_rows] = full_indices
+    lazy_rows = lazy_row.nonzero().squeeze(1)
+    new_row = torch.cumsum(lazy_row, 0) - 1  # row -> its index among the lazy rows
+    keep = lazy_row[row_of]
+    lazy_values, lazy_indices = _sample_lazy_rows(
+        scores[lazy_rows],
+        (new_row[row_of[keep]], column[keep], candidate_score[keep], counts[lazy_rows]),
+        tau[lazy_rows],
         k,
         epsilon,
         n_samples,
         generator,
         max_expected_proposals,
     )
+    values[lazy_rows] = lazy_values
+    indices[lazy_rows] = lazy_indices
+    return values, indices
 
 
 def _sample_lazy_rows(
     scores: torch.Tensor,
-    above: torch.Tensor,
-    candidate_counts: torch.Tensor,
+    candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     threshold: torch.Tensor,
     k: int,
     epsilon: float,
@@ -195,12 +247,16 @@ def _sample_lazy_rows(
     generator: torch.Generator | None,
     max_expected_proposals: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 1-4 for rows whose candidates are the classes marked in `above` (scores >
-    threshold, at least k per row): (values, indices) [rows, n_samples] as the caller's."""
+    """Steps 1-4 for rows whose candidates are every class with a score above `threshold`
+    [rows], at least k per row, given as (row_of, column, score, counts) as _find_candidates
+    and bincount make them. Returns (values, indices) [rows, n_samples] as the caller's."""
     rows, classes = scores.shape
     device = scores.device
-    # Step 1-2: candidates and their noise; T_c per draw. Shapes [lazy, n_samples, width].
-    columns, candidate_scores = _candidate_sets(scores, above, candidate_counts)
+    row_of, column, candidate_score, candidate_counts = candidates
+    # Step 1-2: candidates and their noise; T_c per draw. Shapes [rows, n_samples, width].
+    columns, candidate_scores = _candidate_sets(
+        rows, classes, row_of, column, candidate_score, candidate_counts
+    )
     width = columns.shape[1]
     candidate_noise = torch.randn(
         rows, n_samples, width, dtype=scores.dtype, device=device, generator=generator

@@ -17,7 +17,9 @@ import torch
 from scipy.stats import chi2_contingency, chisquare, ks_2samp
 
 from topk.lazy_sampling import (
+    _BLOCK,
     _choose_without_replacement,
+    _find_candidates,
     _non_candidate_columns,
     sample_kth_largest_lazy,
 )
@@ -66,7 +68,7 @@ def interleaved(rows, repeats):
     ids=["proposals", "fallback", "mixed"],
 )
 def test_lazy_matches_full_sampling_in_distribution(delta, max_expected_proposals):
-    classes, k, epsilon, n_samples, repeats = 50, 3, 0.5, 5, 2000
+    classes, k, epsilon, n_samples, repeats = 150, 3, 0.5, 5, 2000
     kinds = row_types(classes, seed=0)
     scores = interleaved(kinds, repeats)
     lazy_values, lazy_indices = sample_kth_largest_lazy(
@@ -132,6 +134,30 @@ def test_the_statistical_check_rejects_a_biased_sampler():
         biased_values, candidates[biased_slots], full_values, full_indices, classes
     )
     assert ks < 1e-6 and chi < 1e-6
+
+
+@pytest.mark.parametrize("classes", [7, _BLOCK * 4, _BLOCK * 9 + 5])
+def test_find_candidates_returns_every_class_above_a_low_enough_threshold(classes):
+    gen = torch.Generator().manual_seed(9)
+    scores = torch.randn(40, classes, generator=gen)
+    scores[:5] = torch.round(scores[:5])  # ties
+    scores[5, :4] = 10.0  # the top k share a block
+    k, delta = 4, 0.7
+    tau, searched, row_of, column, candidate_score = _find_candidates(scores, k, delta, classes)
+    kth = torch.topk(scores, k, dim=1).values[:, k - 1]
+    assert (tau <= kth - delta).all() and searched.all()
+    expected = [
+        (row, col) for row in range(40) for col in range(classes) if scores[row, col] > tau[row]
+    ]
+    assert list(zip(row_of.tolist(), column.tolist(), strict=True)) == expected
+    torch.testing.assert_close(candidate_score, scores[row_of, column], rtol=0, atol=0)
+    assert (torch.bincount(row_of, minlength=40) >= k).all()
+
+    # With a small block budget the rows with many hit blocks are left out, and only those.
+    _, searched, row_of, _, _ = _find_candidates(scores, k, delta, 1)
+    if classes >= k * _BLOCK:  # (fewer classes: every class is read, up to one block's worth)
+        assert not searched.all()
+    assert set(row_of.tolist()) <= set(searched.nonzero().squeeze(1).tolist())
 
 
 def test_floyd_subsets_are_uniform_and_distinct():

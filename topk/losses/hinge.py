@@ -172,8 +172,9 @@ class NoisedTopKImbalancedLoss(nn.Module):
                 f"k + 1 = {self.k + 1} exceeds the number of classes ({counts.numel()})"
             )
         self.num_classes = counts.numel()
-        # float64 so that float64 scores get exact margins; cast to the scores' dtype in forward
-        self.register_buffer("margins", ldam_margins(counts, self.max_m))
+        # float64 so that float64 scores get exact margins (cast to the scores' dtype in
+        # forward); not persistent: the margins follow from the constructor arguments.
+        self.register_buffer("margins", ldam_margins(counts, self.max_m), persistent=False)
 
     def extra_repr(self) -> str:
         return (
