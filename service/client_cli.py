@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="long-tailed Fashion-MNIST: cross-entropy vs noised_topk_imbalanced, end to end",
     )
     demo.add_argument("--data-dir", default=".topk-demo", help="default: %(default)s")
-    demo.add_argument("--epochs", type=int, default=4)
+    demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--port", type=int, default=0, help="service port (default: a free one)")
     demo.set_defaults(handler=run_demo)
 
@@ -127,7 +127,11 @@ def run_serve(args) -> int:
     return serve(settings, ray_cpus=args.ray_cpus)
 
 
-def serve(settings, *, ray_cpus: int, announce=print) -> int:
+def _announce(text: str) -> None:
+    print(text, flush=True)
+
+
+def serve(settings, *, ray_cpus: int, announce=_announce) -> int:
     """Run the API until interrupted; starts (and then stops) a local Ray head when no
     TOPK_RAY_ADDRESS is configured."""
     import dataclasses

@@ -6,11 +6,17 @@ writes the runtime's files in seconds; the real runtime is exercised in test_end
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 
 import httpx
 import pytest
-from service_harness import FAKE_JOB, client_for, tiny_spec, wait_for
+import yaml
+from service_harness import FAKE_JOB, REPO, client_for, tiny_spec, wait_for
+
+from service.local_ray import free_port
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -220,3 +226,89 @@ def test_postgres_backend_runs_jobs_too(ray_server, postgres_url):
     with client_for(server, token) as http:
         job = http.post("/v1/jobs", json=tiny_spec("sleep1")).json()
         assert wait_status(http, job["id"])["status"] == "succeeded"
+
+
+def topk_cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_command_line_against_the_server(ray_server, tmp_path):
+    server, _ = ray_server()
+    server.start()
+    created = topk_cli("token", "create", "dana", env={"TOPK_DATA_DIR": str(tmp_path / "data0")})
+    assert created.returncode == 0, created.stderr
+    env = {"TOPK_URL": server.url, "TOPK_TOKEN": created.stdout.split()[-1]}
+
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_spec("sleep1")))
+    submitted = topk_cli("submit", str(spec_file), "--wait", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split()[1]
+    assert "succeeded" in submitted.stdout and "epoch 1" in submitted.stdout
+    logs = topk_cli("logs", job_id, env=env)
+    assert logs.returncode == 0 and "fake job done" in logs.stdout
+
+    spec_file.write_text(yaml.safe_dump(tiny_spec("sleep60")))
+    long_job = topk_cli("submit", str(spec_file), env=env).stdout.split()[1]
+    cancelled = topk_cli("cancel", long_job, env=env)
+    assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"{long_job}: cancelled"
+    shown = topk_cli("status", long_job, env=env)
+    assert "cancelled" in shown.stdout and "cancelled by dana" in shown.stdout
+    table = topk_cli("status", env=env)
+    assert table.stdout.splitlines()[0].split()[:3] == ["ID", "KIND", "STATUS"]
+    assert job_id in table.stdout and long_job in table.stdout
+
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"train": tiny_spec("sleep1"),
+                                          "search": {"optim.lr": {"grid": [0.1, 0.01]}},
+                                          "scheduler": {"name": "fifo"}}))  # fmt: skip
+    sweep = topk_cli("submit", str(sweep_file), env=env)
+    assert sweep.returncode == 0 and sweep.stdout.split()[1].startswith("sweep-"), sweep.stderr
+
+    spec_file.write_text(yaml.safe_dump(tiny_spec(loss={"name": "noised_topk", "k": 50})))
+    invalid = topk_cli("submit", str(spec_file), env=env)
+    assert invalid.returncode == 2 and "loss.k" in invalid.stderr
+    assert "Traceback" not in invalid.stderr
+    missing = topk_cli("submit", str(tmp_path / "nope.yaml"), env=env)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    refused = topk_cli("status", env={**env, "TOPK_TOKEN": "topk_wrong"})
+    assert refused.returncode == 1 and "invalid or revoked token" in refused.stderr
+    unreachable = topk_cli("status", env={**env, "TOPK_URL": "http://127.0.0.1:9"})
+    assert unreachable.returncode == 1 and "cannot reach the service" in unreachable.stderr
+
+
+def test_serve_starts_and_stops_its_own_ray_head(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOPK_")}
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+         "--data-dir", str(tmp_path / "data"), "--ray-cpus", "2"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        ready = wait_for(
+            lambda: _ready(f"http://127.0.0.1:{port}"), 150, interval=1.0, message="serve"
+        )
+        assert ready["ray"] == "ok" and ready["database"] == "ok"
+        output = (tmp_path / "serve.log").read_text()
+        dashboard = output.split("Ray dashboard: ")[1].split()[0]
+        assert httpx.get(f"{dashboard}/api/version", timeout=5).status_code in (200, 401)
+        assert (tmp_path / "data" / "topk.db").exists()
+    finally:
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(90) == 0
+        log.close()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{dashboard}/api/version", timeout=5)
+
+
+def _ready(url: str) -> dict | None:
+    try:
+        response = httpx.get(f"{url}/readyz", timeout=5)
+    except httpx.HTTPError:
+        return None
+    return response.json() if response.status_code == 200 else None
