@@ -36,9 +36,13 @@ from jobs.training.storage import MetricsLog, join
 from topk import create_loss, get_loss_class
 
 # Test hook for the fault-tolerance test: "RANK:EPOCH:MARKER_PATH" makes that rank's process
-# SIGKILL itself at the start of that epoch if the marker file exists (the file is removed first,
-# so it happens once). run.py forwards it from the driver's environment to the workers.
+# SIGKILL itself during that epoch if the marker file exists (the file is removed first, so it
+# happens once). run.py forwards it from the driver's environment to the workers.
 FAULT_INJECTION_ENV = "TOPK_TEST_KILL_WORKER"
+# Ray Train's controller picks reported checkpoints up on its poll (every 2 s by default); a
+# worker lost before that poll loses its last report. The hook dies this long into the epoch,
+# as a crash in the middle of a real epoch would.
+_FAULT_DELAY_S = 6.0
 
 
 def _seed_everything(seed: int) -> None:
@@ -60,6 +64,7 @@ def _maybe_inject_fault(rank: int, epoch: int) -> None:
     kill_rank, kill_epoch, marker = setting.split(":", 2)
     if rank == int(kill_rank) and epoch == int(kill_epoch) and os.path.exists(marker):
         os.remove(marker)
+        time.sleep(_FAULT_DELAY_S)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
