@@ -312,3 +312,22 @@ def _ready(url: str) -> dict | None:
     except httpx.HTTPError:
         return None
     return response.json() if response.status_code == 200 else None
+
+
+def test_unreachable_ray_keeps_jobs_queued_and_readyz_says_so(make_server):
+    server, store = make_server(ray_address="http://127.0.0.1:9")
+    server.start()
+    token = store.create_token("erin")
+    with client_for(server, token) as http:
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and "ray: unreachable" in ready.json()["message"]
+        job = http.post("/v1/jobs", json=tiny_spec("sleep1")).json()
+        waiting = wait_for(
+            lambda: (j := http.get(f"/v1/jobs/{job['id']}").json())["status_reason"].startswith(
+                "waiting: Ray unreachable"
+            ) and j,
+            30,
+        )  # fmt: skip
+        assert waiting["status"] == "queued" and waiting["attempts"] == 0
+        assert http.get(f"/v1/jobs/{job['id']}/logs").status_code == 409
+        assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"

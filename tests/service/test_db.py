@@ -1,0 +1,111 @@
+"""The store: schema migrations, the job state machine, idempotency keys and hashed tokens, on
+SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import sqlalchemy as sa
+
+from service import db
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'topk.db'}"
+    store = db.Store.from_url(url)
+    store.migrate()
+    yield store
+    store.close()
+
+
+def new_job(store: db.Store, owner_id: int, key: str | None = None, spec: dict | None = None):
+    return store.create_job(
+        kind="train", owner_id=owner_id, spec=spec or {"epochs": 1}, storage_root="/tmp/runs",
+        requested_cpus=1.0, requested_gpus=0.0, idempotency_key=key,
+    )  # fmt: skip
+
+
+def owner(store: db.Store, name: str) -> int:
+    return store.owner_for_token(store.create_token(name))[0]
+
+
+def test_migrations_are_recorded_and_idempotent(store):
+    assert store.schema_version() == len(db.MIGRATIONS)
+    assert store.migrate() == len(db.MIGRATIONS)
+    with store.engine.connect() as conn:
+        versions = conn.execute(sa.select(db.schema_migrations.c.version)).scalars().all()
+    assert versions == [version for version, _, _ in db.MIGRATIONS]
+
+
+def test_tokens_are_stored_as_sha256_only(store):
+    token = store.create_token("alice")
+    with store.engine.connect() as conn:
+        stored = conn.execute(sa.select(db.tokens.c.token_hash)).scalars().all()
+    assert hashlib.sha256(token.encode()).hexdigest() in stored
+    assert token not in stored
+    assert store.owner_for_token(token)[1] == "alice"
+    assert store.owner_for_token(token + "x") is None
+    assert store.owner_for_token(store.create_token("alice"))[0] == store.owner_for_token(token)[0]
+
+
+def test_every_transition_follows_the_state_machine(store):
+    owner_id = owner(store, "alice")
+    for source, targets in db.LEGAL_TRANSITIONS.items():
+        for target in db.STATUSES:
+            job, _ = new_job(store, owner_id)
+            with store.engine.begin() as conn:  # put the job in `source` directly
+                conn.execute(db.jobs.update().where(db.jobs.c.id == job.id).values(status=source))
+            if target in targets:
+                moved = store.transition(job.id, target, "test", expect=source)
+                assert moved is not None and moved.status == target
+                assert store.events_for(job.id)[-1].to_status == target
+                if target in db.TERMINAL:
+                    assert moved.finished_at is not None
+            else:
+                with pytest.raises(db.IllegalTransition):
+                    store.transition(job.id, target, "test", expect=source)
+
+
+def test_transition_is_a_compare_and_set(store):
+    owner_id = owner(store, "alice")
+    job, _ = new_job(store, owner_id)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(
+            lambda _: store.transition(job.id, db.LAUNCHING, "race", expect=db.QUEUED), range(8)
+        ))  # fmt: skip
+    assert sum(result is not None for result in results) == 1
+    assert [e.to_status for e in store.events_for(job.id)] == ["queued", "launching"]
+    assert store.transition(job.id, db.CANCELLED, "late", expect=db.QUEUED) is None
+
+
+def test_idempotency_keys_are_per_owner_and_bind_the_body(store):
+    alice, bob = owner(store, "alice"), owner(store, "bob")
+    first, created = new_job(store, alice, key="k")
+    again, created_again = new_job(store, alice, key="k")
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(db.IdempotencyConflict):
+        new_job(store, alice, key="k", spec={"epochs": 2})
+    assert new_job(store, bob, key="k")[0].id != first.id
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: new_job(store, alice, key="burst"), range(16)))
+    assert len({job.id for job, _ in made}) == 1
+    assert sum(created for _, created in made) == 1
+
+
+def test_listing_orders_and_pages(store):
+    owner_id = owner(store, "alice")
+    ids = [new_job(store, owner_id)[0].id for _ in range(5)]
+    newest = store.list_jobs(owner_id=owner_id, limit=2)
+    assert [job.id for job in newest] == ids[::-1][:2]
+    older = store.list_jobs(owner_id=owner_id, before_seq=newest[-1].seq, limit=10)
+    assert [job.id for job in older][:3] == ids[::-1][2:5]
+    queue = store.list_jobs(statuses=(db.QUEUED,), oldest_first=True, limit=100)
+    positions = [job.id for job in queue if job.id in ids]
+    assert positions == ids
+    assert store.count_by_status()[db.QUEUED] >= 5
