@@ -4,8 +4,9 @@ Full sampling draws rows * classes * n_samples normals, so on a CPU the smoothed
 random-number generation. Only the classes whose noised score can reach the top k matter, and
 they can be found without changing the distribution. Per row, with s_(k) its k-th largest score:
 
-1. candidates: the classes with s_j > tau = s_(k) - delta, where delta makes the expected number
-   of other classes crossing s_(k) small; every other class has s_j <= tau;
+1. candidates: the classes with s_j > tau, tau <= s_(k) - delta, where delta makes the expected
+   number of other classes crossing s_(k) small; every other class has s_j <= tau (found with
+   one pass over the scores: block maxima, then only the blocks above tau are read);
 2. draw noise for the candidates only; T_c = the k-th largest noised candidate, a lower bound of
    the true k-th largest noised value;
 3. given the candidates' noise, each other class j crosses T_c independently with probability
@@ -84,7 +85,10 @@ def _find_candidates(
     tail_above &= searched.unsqueeze(1)
 
     hit_row, hit_index = hit_block.nonzero(as_tuple=True)
-    hit_scores = blocks[hit_row, hit_index]  # [hits, _BLOCK]
+    # Copy each hit block with index_select over overlapping windows of the flat scores:
+    # tens of times faster than advanced indexing, which gathers element by element.
+    windows = scores.reshape(-1).unfold(0, _BLOCK, 1)  # window i: flat scores i .. i + _BLOCK
+    hit_scores = windows.index_select(0, hit_row * classes + hit_index * _BLOCK)
     hit, offset = (hit_scores > tau[hit_row].unsqueeze(1)).nonzero(as_tuple=True)
     row_of = hit_row[hit]
     column = hit_index[hit] * _BLOCK + offset
@@ -181,6 +185,7 @@ def sample_kth_largest_lazy(
     """
     rows, classes = scores.shape
     device = scores.device
+    scores = scores.contiguous()  # the candidate search reads the flat storage
     automatic = delta is None
     # On a GPU the random numbers are cheap and every host synchronisation costs more than
     # they do: full sampling measured faster there at every size (see the module docstring).
