@@ -4,6 +4,7 @@ SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import hashlib
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -32,7 +33,8 @@ def new_job(store: db.Store, owner_id: int, key: str | None = None, spec: dict |
 
 
 def owner(store: db.Store, name: str) -> int:
-    return store.owner_for_token(store.create_token(name))[0]
+    """A fresh owner (the session's Postgres database is shared with other test modules)."""
+    return store.owner_for_token(store.create_token(f"{name}-{secrets.token_hex(4)}"))[0]
 
 
 def test_migrations_are_recorded_and_idempotent(store):
@@ -44,14 +46,14 @@ def test_migrations_are_recorded_and_idempotent(store):
 
 
 def test_tokens_are_stored_as_sha256_only(store):
-    token = store.create_token("alice")
+    token = store.create_token("tess")
     with store.engine.connect() as conn:
         stored = conn.execute(sa.select(db.tokens.c.token_hash)).scalars().all()
     assert hashlib.sha256(token.encode()).hexdigest() in stored
     assert token not in stored
-    assert store.owner_for_token(token)[1] == "alice"
+    assert store.owner_for_token(token)[1] == "tess"
     assert store.owner_for_token(token + "x") is None
-    assert store.owner_for_token(store.create_token("alice"))[0] == store.owner_for_token(token)[0]
+    assert store.owner_for_token(store.create_token("tess"))[0] == store.owner_for_token(token)[0]
 
 
 def test_every_transition_follows_the_state_machine(store):
