@@ -28,7 +28,9 @@ def check_class_counts(name: str, counts: object) -> torch.Tensor:
         raise ValueError(f"{name} is required (the per-class training counts)")
     t = torch.as_tensor(counts, dtype=torch.float64)
     if t.ndim != 1 or t.numel() < 2:
-        raise ValueError(f"{name} must be a list of at least 2 per-class counts, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be a list of at least 2 per-class counts, got shape {tuple(t.shape)}"
+        )
     if not torch.isfinite(t).all() or (t < 0).any():
         raise ValueError(f"{name} must hold finite, non-negative counts")
     if (t == 0).all():
@@ -55,10 +57,16 @@ def check_scores_labels(
     batch, classes = scores.shape
     if batch == 0:
         raise ValueError("scores has an empty batch")
-    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.dtype.is_floating_point
+        or labels.dtype == torch.bool
+    ):
         raise ValueError("labels must be an integer tensor of shape [batch]")
     if labels.shape != (batch,):
-        raise ValueError(f"labels must have shape [{batch}] to match scores, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape [{batch}] to match scores, got {tuple(labels.shape)}"
+        )
     if num_classes is not None and classes != num_classes:
         raise ValueError(f"scores have {classes} classes but the loss was built for {num_classes}")
     if k is not None and k + 1 > classes:
