@@ -6,10 +6,11 @@ estimated by the mean over `n_samples` draws. Its gradient estimate is the mean 
 one-hot vector at the index holding the k-th largest noised value, so each row of the gradient
 sums to 1. eps = 0 gives back the hard k-th largest entry and its one-hot gradient.
 
-The functional core (`sample_kth_largest_full`) takes the noise or a generator and returns, for
-every row and draw, the k-th largest noised value and its index; `smoothed_kth_largest` wraps it
-in a custom autograd function. Memory stays O(rows * classes): the draws are made one slice at a
-time into a single reusable buffer, never as a (rows, classes, n_samples) tensor.
+The functional core (`sample_kth_largest_full`, or topk.lazy_sampling's exact lazy sampler)
+takes the noise or a generator and returns, for every row and draw, the k-th largest noised value
+and its index; `smoothed_kth_largest` wraps it in a custom autograd function. Memory stays
+O(rows * classes): the draws are made one slice at a time into a single reusable buffer, never as
+a (rows, classes, n_samples) tensor.
 """
 
 from __future__ import annotations
