@@ -409,28 +409,23 @@ def _jobs_router(kind: str, prefix: str) -> APIRouter:
             raise ApiError(409, "not_started", f"{noun} {job_id} has not been launched yet")
         launcher, submission_id = services.launcher, job.submission_id
         try:
-            text = await run_in_threadpool(launcher.logs, submission_id)
+            full = await run_in_threadpool(launcher.logs, submission_id)
         except LaunchError as exc:
             raise ApiError(503, "ray_unavailable", f"could not read logs from Ray: {exc}") from None
-        if tail:
-            text = "".join(text.splitlines(keepends=True)[-tail:])
+        text = "".join(full.splitlines(keepends=True)[-tail:]) if tail else full
         if not follow:
             return PlainTextResponse(text)
 
         async def stream():
             yield text
-            seen = len(text)
-            # tail_job_logs replays from the start; skip what was already sent.
-            skipped = 0
-            full = await run_in_threadpool(launcher.logs, submission_id)
+            # Ray's tail replays the log from its start: skip the part already sent.
+            to_skip = len(full)
             try:
                 async for chunk in launcher.follow_logs(submission_id):
-                    if skipped < len(full):
-                        take = min(len(chunk), len(full) - skipped)
-                        skipped += take
-                        chunk = chunk[take:]
+                    if to_skip:
+                        dropped = min(len(chunk), to_skip)
+                        chunk, to_skip = chunk[dropped:], to_skip - dropped
                     if chunk:
-                        seen += len(chunk)
                         yield chunk
             except LaunchError as exc:
                 yield f"\n[topk: log stream ended: {exc}]\n"
