@@ -227,7 +227,8 @@ def _print_comparison(final: dict[str, dict]) -> None:
     header = f"{'loss':<24} {'top-1':>7} {f'top-{K}':>7} {f'macro top-{K}':>13}"
     print(header)
     print("-" * len(header))
-    for label, job in final.items():
+    for label in [label for label, _, _ in LOSSES if label in final]:
+        job = final[label]
         metrics = job.get("latest_metrics") or {}
         if job["status"] != "succeeded" or not metrics:
             print(f"{label:<24} {job['status']}")
