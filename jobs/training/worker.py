@@ -89,10 +89,10 @@ def _skipped_samples(loader: Any) -> int:
     return int(skipped or 0)
 
 
-def _sum_across_ranks(value: int) -> int:
+def _sum_across_ranks(value: int, device: torch.device) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    total = torch.tensor([value], dtype=torch.int64)
+    total = torch.tensor([value], dtype=torch.int64, device=device)  # NCCL reduces GPU tensors
     dist.all_reduce(total)
     return int(total.item())
 
@@ -121,15 +121,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ).to(device)
     optimizer = build_optimizer(model, **spec.optim.model_dump())
 
-    first_loader = build_train_loader(
-        spec.data,
-        batch_size=spec.batch_size,
-        rank=rank,
-        world_size=world_size,
-        epoch=1,
-        seed=spec.seed,
-    )
-    steps_per_epoch = _steps_per_epoch(first_loader, spec, world_size)
+    def train_loader(epoch: int) -> Any:
+        return build_train_loader(
+            spec.data,
+            batch_size=spec.batch_size,
+            rank=rank,
+            world_size=world_size,
+            epoch=epoch,
+            seed=spec.seed,
+        )
+
+    steps_per_epoch = _steps_per_epoch(train_loader(1), spec, world_size)
     schedule = spec.schedule.model_dump()
     scheduler = build_scheduler(
         optimizer,
@@ -158,17 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(state.epoch + 1, spec.epochs + 1):
         _maybe_inject_fault(rank, epoch)
-        loader = first_loader if epoch == 1 and first_loader is not None else None
-        if loader is None:
-            loader = build_train_loader(
-                spec.data,
-                batch_size=spec.batch_size,
-                rank=rank,
-                world_size=world_size,
-                epoch=epoch,
-                seed=spec.seed,
-            )
-        first_loader = None
+        loader = train_loader(epoch)
         generator = torch.Generator(device=device).manual_seed(_noise_seed(spec.seed, rank, epoch))
         stats = train_one_epoch(
             model,
@@ -184,7 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch,
             "train_loss": stats.train_loss,
             "samples": stats.samples,
-            "skipped": _sum_across_ranks(_skipped_samples(loader)),
+            "skipped": _sum_across_ranks(_skipped_samples(loader), device),
             "samples_per_second": stats.samples_per_second,
             "epoch_seconds": stats.seconds,
             "lr": optimizer.param_groups[0]["lr"],

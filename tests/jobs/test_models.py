@@ -14,8 +14,16 @@ def test_every_spec_architecture_is_buildable_and_nothing_else():
     assert set(list_archs()) == set(ARCHITECTURES)
 
 
-@pytest.mark.parametrize("arch", ["cifar_resnet20", "cifar_resnet18", "resnet18", "resnet50"])
-@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize(
+    "arch, in_channels",
+    [
+        ("cifar_resnet20", 1),
+        ("cifar_resnet20", 3),
+        ("cifar_resnet18", 3),
+        ("resnet18", 1),
+        ("resnet50", 3),
+    ],
+)
 def test_scores_have_one_column_per_class(arch, in_channels):
     model = build_model(arch, 7, in_channels=in_channels).eval()
     with torch.no_grad():
