@@ -115,3 +115,22 @@ def test_a_run_without_failure_budget_fails_with_the_cause(
     result = json.loads((tmp_path / "runs" / "nobudget" / "result.json").read_text())
     assert result["status"] == "failed" and result["error"]
     assert result["epochs"] == 1
+
+
+def test_a_data_error_fails_the_run_with_a_one_line_cause(
+    ray_cluster, omniglot_dataset, omniglot_spec, tmp_path
+):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(Path(omniglot_dataset).parent, broken)
+    (broken / "train-000001.tar").unlink()
+    spec = parse_train_spec(
+        omniglot_spec(str(broken / "dataset.json"), epochs=1, scaling={"num_workers": 1})
+    )
+    with pytest.raises(RuntimeError) as failure:
+        run_training(spec, "broken", storage=str(tmp_path / "runs"))
+    message = str(failure.value)
+    assert "\n" not in message and "train-000001.tar" in message, message
+    result = json.loads((tmp_path / "runs" / "broken" / "result.json").read_text())
+    assert result["status"] == "failed" and result["error"] == message
