@@ -66,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cancel.set_defaults(handler=run_cancel)
 
     sweeps = subparsers.add_parser("sweeps", help="sweeps on the service (submit, status)")
+    sweeps.set_defaults(handler=_usage(sweeps))
     sweep_commands = sweeps.add_subparsers(dest="sweeps_command", metavar="COMMAND")
     sweep_submit = sweep_commands.add_parser("submit", parents=[client], help="submit a sweep")
     sweep_submit.add_argument("spec", metavar="SPEC")
@@ -79,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep_status.set_defaults(handler=run_status, kind="sweep")
 
     token = subparsers.add_parser("token", help="admin: manage API tokens (writes the database)")
+    token.set_defaults(handler=_usage(token))
     token_commands = token.add_subparsers(dest="token_command", metavar="COMMAND")
     token_create = token_commands.add_parser(
         "create", help="create a token for NAME; the token is the last word printed"
@@ -95,6 +97,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--port", type=int, default=0, help="service port (default: a free one)")
     demo.set_defaults(handler=run_demo)
+
+
+def _usage(parser: argparse.ArgumentParser):
+    """Handler of a command group run without its subcommand: its help, exit code 2."""
+
+    def show(_args) -> int:
+        parser.print_help(sys.stderr)
+        return 2
+
+    return show
 
 
 def _fail(message: str, code: int = 1) -> int:
