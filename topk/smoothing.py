@@ -117,8 +117,13 @@ class _MeanOneHotSelection(torch.autograd.Function):
         (sampled_indices,) = ctx.saved_tensors
         n_samples = sampled_indices.shape[1]
         grad_scores = grad_output.new_zeros(ctx.scores_shape, dtype=ctx.scores_dtype)
-        per_draw = (grad_output / n_samples).to(ctx.scores_dtype).unsqueeze(1)
-        grad_scores.scatter_add_(1, sampled_indices, per_draw.expand(sampled_indices.shape))
+        per_draw = (grad_output / n_samples).to(ctx.scores_dtype)
+        rows = torch.arange(grad_scores.shape[0], device=grad_scores.device)
+        # One draw at a time: each row then has a single index, so a plain read-add-write is
+        # exact and deterministic (scatter_add_ on CUDA is not, and torch refuses it under
+        # torch.use_deterministic_algorithms).
+        for draw in range(n_samples):
+            grad_scores[rows, sampled_indices[:, draw]] += per_draw
         return grad_scores, None, None
 
 

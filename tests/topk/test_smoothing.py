@@ -390,3 +390,27 @@ def test_cuda_autocast_forward_and_backward(dtype):
     assert value.dtype == dtype
     value.float().sum().backward()
     assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=needs_cuda)], ids=["cpu", "cuda"]
+)
+def test_backward_runs_under_deterministic_algorithms(device):
+    scores = torch.randn(32, 500, device=device).requires_grad_()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            value = smoothed_kth_largest(
+                scores,
+                6,
+                epsilon=1.0,
+                n_samples=5,
+                generator=torch.Generator(device=device).manual_seed(0),
+            )
+            grads.append(torch.autograd.grad(value.sum(), scores)[0])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0].sum(dim=1), torch.ones(32, device=device))
