@@ -46,7 +46,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, run_name_required: boo
         help="storage root URL (default: the spec's storage, else $TOPK_STORAGE_URL, else "
         "./.topk/runs)",
     )
-    parser.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    parser.add_argument(
+        "--address",
+        help="Ray cluster to run on (its GCS host:port); default: $RAY_ADDRESS inside a Ray job, "
+        "else a new local Ray sized for the spec's workers",
+    )
 
 
 def _url_limits() -> dict[str, Any]:
