@@ -197,6 +197,8 @@ class Reconciler:
             for job in queued:
                 self.store.touch(job.id, f"waiting: Ray unreachable ({exc})")
             return
+        capacity["CPU"] = max(capacity["CPU"], self.settings.cluster_max_cpus or 0.0)
+        capacity["GPU"] = max(capacity["GPU"], self.settings.cluster_max_gpus or 0.0)
         used_cpus = used_gpus = 0.0
         for job in self.store.list_jobs(statuses=(LAUNCHING, RUNNING), limit=10_000):
             used_cpus += job.requested_cpus

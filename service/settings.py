@@ -34,6 +34,10 @@ class Settings:
     reconcile_interval_s: float = 2.0
     job_python: str = "python"
     worker_threads: int = 8
+    # An autoscaling cluster (KubeRay) shows only the nodes it has now; the queue admits jobs up
+    # to these totals so that Ray sees the demand and scales up (unset: what the cluster has).
+    cluster_max_cpus: float | None = None
+    cluster_max_gpus: float | None = None
     test_crash_at: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +83,8 @@ class Settings:
             ("retry_backoff_s", "TOPK_RETRY_BACKOFF_S", float),
             ("reconcile_interval_s", "TOPK_RECONCILE_INTERVAL_S", float),
             ("worker_threads", "TOPK_WORKER_THREADS", int),
+            ("cluster_max_cpus", "TOPK_CLUSTER_MAX_CPUS", float),
+            ("cluster_max_gpus", "TOPK_CLUSTER_MAX_GPUS", float),
         ):
             if env.get(var):
                 try:

@@ -65,7 +65,9 @@ def validate_spec(kind: str, body: Any, settings: Settings) -> ValidatedSpec:
     cpus = scaling.num_workers * scaling.cpus_per_worker
     gpus = scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0
     if kind == "sweep":
-        cpus += 1.0  # the Tune trial's own driver process
+        # Trials that may run at once (one when Tune decides), each with its driver process.
+        concurrent = model.max_concurrent_trials or 1
+        cpus, gpus = concurrent * (cpus + 1.0), concurrent * gpus
     return ValidatedSpec(
         kind=kind,
         spec=model.model_dump(mode="json"),

@@ -331,3 +331,14 @@ def test_unreachable_ray_keeps_jobs_queued_and_readyz_says_so(make_server):
         assert waiting["status"] == "queued" and waiting["attempts"] == 0
         assert http.get(f"/v1/jobs/{job['id']}/logs").status_code == 409
         assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+
+
+def test_autoscaling_limit_admits_jobs_larger_than_the_current_cluster(ray_server):
+    server, store = ray_server(cluster_max_cpus="16")
+    server.start()
+    token = store.create_token("alice")
+    with client_for(server, token) as http:
+        job = http.post("/v1/jobs", json=tiny_spec("sleep1", scaling={"num_workers": 8})).json()
+        done = wait_status(http, job["id"])
+    # submitted although the 4-CPU cluster has no room: Ray's autoscaler would add the nodes
+    assert done["status"] == "succeeded" and done["attempts"] == 1
