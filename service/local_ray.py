@@ -29,8 +29,18 @@ def free_port() -> int:
 class LocalRayHead:
     """`ray start --head --block` on free ports; `dashboard_url` is the Jobs API address."""
 
-    def __init__(self, num_cpus: int, *, log_path: Path | None = None):
+    def __init__(
+        self,
+        num_cpus: int,
+        *,
+        log_path: Path | None = None,
+        gcs_port: int | None = None,
+        dashboard_port: int | None = None,
+    ):
+        """`gcs_port`/`dashboard_port` pin the addresses (to restart a head in place); free
+        ports otherwise."""
         self.num_cpus = num_cpus
+        self.requested_ports = (gcs_port, dashboard_port)
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self.temp_dir: str | None = None
@@ -42,7 +52,8 @@ class LocalRayHead:
         Raises RuntimeError (with the head's output) when it does not come up."""
         # Unix socket paths are limited to ~107 bytes: keep the temp dir short.
         self.temp_dir = tempfile.mkdtemp(prefix="topkray-", dir="/tmp")
-        gcs_port, dashboard_port = free_port(), free_port()
+        gcs_port = self.requested_ports[0] or free_port()
+        dashboard_port = self.requested_ports[1] or free_port()
         ray = str(Path(sys.executable).with_name("ray"))
         command = [
             ray if Path(ray).exists() else "ray", "start", "--head", "--block",

@@ -3,7 +3,8 @@
 Each pass:
 1. follows launching/running jobs: Ray status -> our status, result.json for the outcome,
    infrastructure failures retried with backoff (a new attempt resumes from the run's
-   checkpoints, since the run name is the job id), vanished jobs failed with a reason;
+   checkpoints, since the run name is the job id) - a job Ray no longer knows (the cluster was
+   replaced) is one of them - and failed with the reason once the attempts are spent;
 2. launches queued jobs that fit the cluster, in submission order;
 3. makes sure cancelled jobs are stopped on Ray.
 
@@ -129,7 +130,7 @@ class Reconciler:
                 self._retry_or_fail(
                     job,
                     f"Ray job {job.submission_id} vanished (was the cluster restarted?)",
-                    retry=False,
+                    retry=True,
                 )
             return
         if info.status == "PENDING":

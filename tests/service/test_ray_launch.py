@@ -16,7 +16,7 @@ import pytest
 import yaml
 from service_harness import FAKE_JOB, REPO, client_for, tiny_spec, wait_for
 
-from service.local_ray import free_port
+from service.local_ray import LocalRayHead, free_port
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -342,3 +342,33 @@ def test_autoscaling_limit_admits_jobs_larger_than_the_current_cluster(ray_serve
         done = wait_status(http, job["id"])
     # submitted although the 4-CPU cluster has no room: Ray's autoscaler would add the nodes
     assert done["status"] == "succeeded" and done["attempts"] == 1
+
+
+def test_a_job_lost_with_its_cluster_is_relaunched_on_the_new_one(make_server, tmp_path):
+    """The head is replaced (same address, empty job table): the running job vanished, so it is
+    an infrastructure failure and attempt 2 runs on the new cluster."""
+    ports = {"gcs_port": free_port(), "dashboard_port": free_port()}
+    first = LocalRayHead(2, log_path=tmp_path / "head1.log", **ports)
+    address = first.start()
+    server, store = make_server(ray_address=address, job_python=f"{sys.executable} {FAKE_JOB}",
+                                retry_backoff_s="0.5")  # fmt: skip
+    server.start()
+    token = store.create_token("alice")
+    second = LocalRayHead(2, log_path=tmp_path / "head2.log", **ports)
+    try:
+        with client_for(server, token) as http:
+            job = http.post("/v1/jobs", json=tiny_spec("sleep30")).json()
+            wait_status(http, job["id"], ("running",))
+            first.stop()
+            second.start()
+            relaunched = wait_for(
+                lambda: (j := http.get(f"/v1/jobs/{job['id']}").json())["attempts"] == 2
+                and j["status"] == "running" and j,
+                120, message="attempt 2 to run",
+            )  # fmt: skip
+            reasons = [e["reason"] for e in relaunched["events"]]
+            assert any("vanished" in reason for reason in reasons), reasons
+            http.post(f"/v1/jobs/{job['id']}/cancel")
+    finally:
+        first.stop()
+        second.stop()
