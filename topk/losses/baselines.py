@@ -132,8 +132,8 @@ class LDAMLoss(nn.Module):
         check_scores_labels(scores, labels, num_classes=self.num_classes)
         scores32 = _upcast(scores)
         margins = self.margins.to(scores.device, scores32.dtype)[labels]
-        true_class = F.one_hot(labels, self.num_classes).to(torch.bool)
-        shifted = torch.where(true_class, scores32 - margins[:, None], scores32)
+        # Lower only the true class's score: a scatter, not a [B, C] one-hot mask.
+        shifted = scores32.scatter_add(1, labels[:, None], -margins[:, None])
         return F.cross_entropy(self.scale * shifted, labels).to(scores.dtype)
 
 
