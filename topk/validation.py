@@ -75,5 +75,8 @@ def check_scores_labels(
     if lo < 0 or hi >= classes:
         bad = lo if lo < 0 else hi
         raise ValueError(f"label {bad} is out of range [0, {classes - 1}]")
-    if not torch.isfinite(scores).all():
+    # One reduction first: any NaN or infinity makes the sum non-finite, and the sum costs a
+    # fraction of an elementwise isfinite over [batch, classes]. Only a non-finite sum (which can
+    # also be a harmless overflow of large finite scores) pays for the exact check.
+    if not torch.isfinite(scores.detach().sum()) and not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinite values")
