@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format bench demo clean
+.PHONY: setup test lint format bench demo fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,14 @@ test: setup lint
 bench: setup
 	$(BIN)/python benchmarks/bench_losses.py
 
-demo: setup
+# The demo's data: Debian's Fashion-MNIST package where apt is usable (root); otherwise the demo
+# downloads the official files and checks them by SHA-256.
+fashion-mnist:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+demo: setup fashion-mnist
 	$(BIN)/topk demo
 
 clean:
