@@ -47,8 +47,9 @@ def spec_model(kind: str):
 
 def validate_spec(kind: str, body: Any, settings: Settings) -> ValidatedSpec:
     """Validate `body` as a TrainSpec ("train") or SweepSpec ("sweep") under the service's URL
-    allow-lists. Raises InvalidSpec with every problem found."""
-    from jobs.spec.io import validation_problems
+    allow-lists, filling loss.class_counts from the dataset's dataset.json where the loss needs
+    them and the body has none. Raises InvalidSpec with every problem found."""
+    from jobs.spec.io import resolve_class_counts, validation_problems
     from jobs.spec.train import SpecError
 
     if not isinstance(body, dict):
@@ -58,6 +59,9 @@ def validate_spec(kind: str, body: Any, settings: Settings) -> ValidatedSpec:
         context["allowed_roots"] = list(settings.allowed_roots)
     try:
         model = spec_model(kind).model_validate(body, context=context)
+        # Losses that need class counts get them from dataset.json now, so a job that could
+        # never start is refused at submission and its record holds the counts it trains with.
+        model = resolve_class_counts(model, context=context)
     except (ValidationError, SpecError) as exc:
         raise InvalidSpec(validation_problems(exc)) from None
     train = model if kind == "train" else model.train

@@ -117,6 +117,8 @@ def test_invalid_specs_get_422_with_field_paths(api):
         ({**tiny_spec(), "storage": "/root/elsewhere"}, "storage"),
         ({"epochs": 1}, "data"),
         (tiny_spec(epochs="many"), "epochs"),
+        # ldam needs class counts; none given and no dataset.json to read them from
+        (tiny_spec(loss={"name": "ldam"}), "loss.class_counts"),
     ]
     with client_for(server, alice) as http:
         before = len(http.get("/v1/jobs", params={"limit": 200}).json()["items"])
@@ -128,6 +130,17 @@ def test_invalid_specs_get_422_with_field_paths(api):
             assert field in [e["field"] for e in answer["errors"]], answer
             assert "Traceback" not in response.text
         assert len(http.get("/v1/jobs", params={"limit": 200}).json()["items"]) == before
+
+
+def test_class_counts_given_in_the_body_are_kept(api):
+    server, _, alice, *_ = api
+    counts = [50, 40, 30, 20, 10, 9, 8, 7, 6, 5]
+    with client_for(server, alice) as http:
+        response = http.post(
+            "/v1/jobs", json=tiny_spec(loss={"name": "ldam", "class_counts": counts})
+        )
+        assert response.status_code == 201, response.text
+        assert response.json()["spec"]["loss"]["class_counts"] == counts
 
 
 @pytest.mark.parametrize(
