@@ -167,7 +167,8 @@ class CheckpointSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     keep_last: StrictInt = Field(2, ge=1)
-    """Latest checkpoints kept besides the best one."""
+    """How many checkpoints Ray Train keeps: the `keep_last` best by metrics.select (the latest
+    ones when there is no validation split), and always the most recent one for resuming."""
 
 
 class TrainSpec(BaseModel):
