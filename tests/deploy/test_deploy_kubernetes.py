@@ -307,3 +307,25 @@ def test_namespace_enforces_pod_security(rendered):
     for obj in rendered:
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == namespace["metadata"]["name"]
+
+
+def _quantity(value) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def test_queue_ceiling_matches_the_autoscaled_worker_groups(rendered):
+    """TOPK_CLUSTER_MAX_CPUS/GPUS must equal what the worker groups can scale to, or the API
+    would hold jobs queued forever (too low) or admit jobs that can never be placed (too high)."""
+    (cluster,) = [o for o in rendered if o["kind"] == "RayCluster"]
+    max_cpus = max_gpus = 0.0
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        max_cpus += group["maxReplicas"] * _quantity(limits.get("cpu", 0))
+        max_gpus += group["maxReplicas"] * _quantity(limits.get("nvidia.com/gpu", 0))
+    config = {}
+    for obj in rendered:
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] == "topk-api-config":
+            config = obj["data"]
+    assert float(config["TOPK_CLUSTER_MAX_CPUS"]) == max_cpus
+    assert float(config["TOPK_CLUSTER_MAX_GPUS"]) == max_gpus
