@@ -223,6 +223,7 @@ def run_submit(args) -> int:
     except SpecFileError as exc:
         return _fail(str(exc), 2)
     kind = args.kind or ("sweep" if is_sweep_document(raw) else "train")
+    raw = absolutize_local_paths(raw, kind=kind)
     try:
         with _client(args) as client:
             job = client.submit(raw, kind=kind, idempotency_key=args.idempotency_key)
@@ -234,6 +235,43 @@ def run_submit(args) -> int:
         return _fail(
             f"{args.spec}:\n{exc}" if exc.status == 422 else str(exc), 2 if exc.status == 422 else 1
         )
+
+
+def absolutize_local_paths(raw: object, *, kind: str, cwd: str | None = None) -> object:
+    """The spec with its relative local paths (data.train, data.val, model.pretrained, storage)
+    made absolute against the client's working directory: the server and the Ray workers run
+    elsewhere, so `runs/data/x/dataset.json` must mean what it means where the user typed it.
+    URLs (`s3://...`, `file://...`) and absolute paths are left alone; anything that is not the
+    expected shape is passed through for the server to reject with a field path."""
+    import copy
+    import os
+
+    if not isinstance(raw, dict):
+        return raw
+    base = cwd or os.getcwd()
+
+    def fix(value: object) -> object:
+        if isinstance(value, str) and value and "://" not in value and not value.startswith("/"):
+            return os.path.normpath(os.path.join(base, value))
+        if isinstance(value, list):
+            return [fix(item) for item in value]
+        return value
+
+    spec = copy.deepcopy(raw)
+    train = spec.get("train") if kind == "sweep" else spec
+    if not isinstance(train, dict):
+        return spec
+    data = train.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "val"):
+            if key in data:
+                data[key] = fix(data[key])
+    model = train.get("model")
+    if isinstance(model, dict) and "pretrained" in model:
+        model["pretrained"] = fix(model["pretrained"])
+    if "storage" in train:
+        train["storage"] = fix(train["storage"])
+    return spec
 
 
 def _wait(client, job_id: str, kind: str, *, poll_s: float = 2.0, quiet: bool = False) -> int:
