@@ -66,7 +66,7 @@ class LoaderStats:
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
 
-    def add_counters(self, counters: torch.Tensor) -> None:
+    def add_counters(self, counters: np.ndarray) -> None:
         for reason, count in zip(SKIP_REASONS, counters.tolist(), strict=True):
             self.skipped[reason] += int(count)
 
@@ -494,7 +494,7 @@ class ShardLoader:
         for batch in loader:
             if "error" in batch:
                 raise DataPipelineError(batch["error"])
-            self.stats.add_counters(torch.from_numpy(batch["skipped"]))
+            self.stats.add_counters(batch["skipped"])
             labels = torch.from_numpy(batch["labels"])
             if labels.numel() == 0:
                 continue
