@@ -26,11 +26,12 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import db, run_storage
+from service.job_writer import JobWriter
 from service.launcher import LaunchError, RayLauncher
 from service.observability import ServiceMetrics
 from service.reconciler import Reconciler, crash_point
 from service.settings import Settings
-from service.specs import InvalidSpec, spec_model, validate_spec
+from service.specs import InvalidSpec, check_spec, complete_spec, needs_dataset_read, spec_model
 
 log = logging.getLogger("topk.service")
 
@@ -145,6 +146,7 @@ class Services:
     reconciler: Reconciler
     metrics: ServiceMetrics
     tokens: TokenCache
+    writer: JobWriter
 
 
 async def get_services(request: Request) -> Services:
@@ -186,7 +188,9 @@ def build_services(settings: Settings, launcher: RayLauncher | None = None) -> S
         launcher = RayLauncher(settings.ray_address)
     metrics = ServiceMetrics()
     reconciler = Reconciler(store, launcher, settings, on_launch=metrics.launches.inc)
-    return Services(settings, store, launcher, reconciler, metrics, TokenCache(store))
+    return Services(
+        settings, store, launcher, reconciler, metrics, TokenCache(store), JobWriter(store)
+    )
 
 
 def create_app(
@@ -208,12 +212,14 @@ def create_app(
         await run_in_threadpool(services.store.migrate)
         services.metrics.bind(services.store, services.reconciler)
         app.state.services = services
+        services.writer.start()
         if run_reconciler:
             services.reconciler.start()
         try:
             yield
         finally:
             services.reconciler.stop()
+            await run_in_threadpool(services.writer.stop)
             services.store.close()
 
     app = FastAPI(
@@ -310,32 +316,43 @@ def _jobs_router(kind: str, prefix: str) -> APIRouter:
         if body is None:
             raise ApiError(422, "invalid_spec", f"the body must be a {noun} spec (JSON object)")
 
-        def create() -> tuple[db.JobRow, bool]:
-            try:
-                validated = validate_spec(kind, body, services.settings)
-            except InvalidSpec as exc:
-                errors = [{"field": path, "message": message} for path, message in exc.problems]
-                raise ApiError(422, "invalid_spec", f"invalid {noun} spec: {exc}", errors) from None
-            return services.store.create_job(
-                kind=kind,
-                owner_id=owner.id,
-                spec=validated.spec,
-                storage_root=validated.storage_root,
-                requested_cpus=validated.requested_cpus,
-                requested_gpus=validated.requested_gpus,
-                idempotency_key=idempotency_key,
-                name=validated.name,
-            )
-
+        settings = services.settings
         try:
-            job, created = await run_in_threadpool(create)
+            # Validation is CPU work under the GIL wherever it runs: on the event loop it costs
+            # no thread hop. Only reading a dataset.json (maybe remote) goes to a thread.
+            model = check_spec(kind, body, settings)
+            if needs_dataset_read(model):
+                validated = await run_in_threadpool(complete_spec, kind, model, settings)
+            else:
+                validated = complete_spec(kind, model, settings)
+        except InvalidSpec as exc:
+            errors = [{"field": path, "message": message} for path, message in exc.problems]
+            raise ApiError(422, "invalid_spec", f"invalid {noun} spec: {exc}", errors) from None
+        new_job = db.NewJob(
+            kind=kind,
+            owner_id=owner.id,
+            spec=validated.spec,
+            storage_root=validated.storage_root,
+            requested_cpus=validated.requested_cpus,
+            requested_gpus=validated.requested_gpus,
+            idempotency_key=idempotency_key,
+            name=validated.name,
+        )
+        try:
+            # Returns once the job's transaction has committed (group commit, job_writer.py).
+            job, created = await services.writer.create(new_job)
         except db.IdempotencyConflict as exc:
             raise ApiError(409, "idempotency_conflict", str(exc)) from None
-        crash_point(services.settings, "after_insert")
+        crash_point(settings, "after_insert")
         if created:
             services.reconciler.wake()
         record = _record(services, job, owner.name, detail=False)
-        return JSONResponse(record.model_dump(mode="json"), status_code=201 if created else 200)
+        # pydantic writes the JSON itself (no dict of JSON-ready values, then json.dumps).
+        return Response(
+            record.model_dump_json(),
+            status_code=201 if created else 200,
+            media_type="application/json",
+        )
 
     @router.get("", response_model=JobPage, name=f"list_{noun}s")
     def list_jobs(

@@ -172,6 +172,41 @@ class EventRow:
     at: float
 
 
+@dataclass(frozen=True)
+class NewJob:
+    """A validated submission, to be recorded as a queued job."""
+
+    kind: str
+    owner_id: int
+    spec: dict
+    storage_root: str
+    requested_cpus: float
+    requested_gpus: float
+    idempotency_key: str | None = None
+    name: str | None = None
+
+
+def _new_job_fields(job: NewJob) -> dict[str, Any]:
+    return {field: getattr(job, field) for field in NewJob.__dataclass_fields__}
+
+
+# Statements built once: their values travel as parameters, so SQLAlchemy compiles each once
+# (building `.values(**row)` per call made a new statement and cache key for every job).
+_INSERT_JOB = jobs.insert()
+_INSERT_JOBS_RETURNING = jobs.insert().returning(jobs.c.id, jobs.c.seq)
+_INSERT_EVENT = events.insert()
+
+
+def _submitted_event(job_values: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        job_id=job_values["id"],
+        from_status=None,
+        to_status=QUEUED,
+        reason="submitted",
+        at=job_values["created_at"],
+    )
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -323,25 +358,79 @@ class Store:
         when the body is the same, IdempotencyConflict otherwise. The unique constraint on
         (owner, key) makes concurrent requests create exactly one job.
         """
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        spec_text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
-        spec_hash = hashlib.sha256(f"{kind}:{spec_text}".encode()).hexdigest()
-        now = self.clock()
-        job_id = new_job_id(kind)
-        values = dict(
-            id=job_id,
+        job = NewJob(
             kind=kind,
             owner_id=owner_id,
-            name=name,
-            status=QUEUED,
-            status_reason="waiting to launch",
-            spec=spec_text,
-            spec_hash=spec_hash,
-            idempotency_key=idempotency_key,
+            spec=spec,
             storage_root=storage_root,
             requested_cpus=requested_cpus,
             requested_gpus=requested_gpus,
+            idempotency_key=idempotency_key,
+            name=name,
+        )
+        values, spec_text = self._job_values(job)
+        try:
+            with self._write() as conn:
+                seq = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]
+                conn.execute(_INSERT_EVENT, _submitted_event(values))
+        except sa.exc.IntegrityError:
+            if idempotency_key is None:
+                raise
+            existing = self.get_job_by_key(owner_id, idempotency_key)
+            if existing is None:  # the conflict was something else
+                raise
+            if existing.spec_hash != values["spec_hash"]:
+                raise IdempotencyConflict(existing.id) from None
+            return existing, False
+        return JobRow(seq=seq, **dict(values, spec=json.loads(spec_text))), True
+
+    def create_jobs(self, batch: list[NewJob]) -> list[tuple[JobRow, bool] | Exception]:
+        """Insert queued jobs in one transaction (a group commit); per job, what `create_job`
+        would return, or the exception it would raise.
+
+        When the batch breaks a constraint (an Idempotency-Key used before, or twice in the
+        batch), none of it is kept and every job goes through `create_job` on its own, so the
+        outcome is the same as one request at a time. Any other error fails the whole batch
+        (nothing of it is committed) and is raised.
+        """
+        prepared = [self._job_values(job) for job in batch]
+        rows = [values for values, _ in prepared]
+        try:
+            with self._write() as conn:
+                seqs = dict(conn.execute(_INSERT_JOBS_RETURNING, rows).all())
+                conn.execute(_INSERT_EVENT, [_submitted_event(values) for values in rows])
+        except sa.exc.IntegrityError:
+            outcomes: list[tuple[JobRow, bool] | Exception] = []
+            for job in batch:
+                try:
+                    outcomes.append(self.create_job(**_new_job_fields(job)))
+                except Exception as exc:
+                    outcomes.append(exc)
+            return outcomes
+        return [
+            (JobRow(seq=seqs[values["id"]], **dict(values, spec=json.loads(spec_text))), True)
+            for values, spec_text in prepared
+        ]
+
+    def _job_values(self, job: NewJob) -> tuple[dict[str, Any], str]:
+        """The jobs row of a new queued job, and its spec as stored (sorted-key JSON)."""
+        if job.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {job.kind!r}")
+        spec_text = json.dumps(job.spec, sort_keys=True, separators=(",", ":"))
+        now = self.clock()
+        values = dict(
+            id=new_job_id(job.kind),
+            kind=job.kind,
+            owner_id=job.owner_id,
+            name=job.name,
+            status=QUEUED,
+            status_reason="waiting to launch",
+            spec=spec_text,
+            spec_hash=hashlib.sha256(f"{job.kind}:{spec_text}".encode()).hexdigest(),
+            idempotency_key=job.idempotency_key,
+            storage_root=job.storage_root,
+            requested_cpus=job.requested_cpus,
+            requested_gpus=job.requested_gpus,
             attempt=0,
             submission_id=None,
             not_before=None,
@@ -350,28 +439,7 @@ class Store:
             started_at=None,
             finished_at=None,
         )
-        try:
-            with self._write() as conn:
-                seq = conn.execute(jobs.insert().values(**values)).inserted_primary_key[0]
-                conn.execute(
-                    events.insert().values(
-                        job_id=job_id,
-                        from_status=None,
-                        to_status=QUEUED,
-                        reason="submitted",
-                        at=now,
-                    )
-                )
-        except sa.exc.IntegrityError:
-            if idempotency_key is None:
-                raise
-            existing = self.get_job_by_key(owner_id, idempotency_key)
-            if existing is None:  # the conflict was something else
-                raise
-            if existing.spec_hash != spec_hash:
-                raise IdempotencyConflict(existing.id) from None
-            return existing, False
-        return JobRow(seq=seq, **dict(values, spec=json.loads(spec_text))), True
+        return values, spec_text
 
     def get_job(self, job_id: str, owner_id: int | None = None) -> JobRow | None:
         query = sa.select(jobs).where(jobs.c.id == job_id)

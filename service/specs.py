@@ -49,19 +49,41 @@ def validate_spec(kind: str, body: Any, settings: Settings) -> ValidatedSpec:
     """Validate `body` as a TrainSpec ("train") or SweepSpec ("sweep") under the service's URL
     allow-lists, filling loss.class_counts from the dataset's dataset.json where the loss needs
     them and the body has none. Raises InvalidSpec with every problem found."""
-    from jobs.spec.io import resolve_class_counts, validation_problems
+    return complete_spec(kind, check_spec(kind, body, settings), settings)
+
+
+def check_spec(kind: str, body: Any, settings: Settings):
+    """The validation half of `validate_spec`: the spec model, or InvalidSpec. It reads no
+    data (local paths are only normalized), so it may run on the event loop."""
+    from jobs.spec.io import validation_problems
     from jobs.spec.train import SpecError
 
     if not isinstance(body, dict):
         raise InvalidSpec([("", f"the body must be a JSON object, got {type(body).__name__}")])
-    context = {"allowed_protocols": list(settings.allowed_protocols)}
-    if settings.allowed_roots is not None:
-        context["allowed_roots"] = list(settings.allowed_roots)
     try:
-        model = spec_model(kind).model_validate(body, context=context)
+        return spec_model(kind).model_validate(body, context=_context(settings))
+    except (ValidationError, SpecError) as exc:
+        raise InvalidSpec(validation_problems(exc)) from None
+
+
+def needs_dataset_read(model) -> bool:
+    """Whether `complete_spec` reads the dataset's dataset.json (possibly remote) for this
+    spec: its loss needs class counts and the spec has none."""
+    train = getattr(model, "train", model)
+    loss = train.loss
+    return type(loss).needs_class_counts and loss.class_counts is None
+
+
+def complete_spec(kind: str, model, settings: Settings) -> ValidatedSpec:
+    """The second half of `validate_spec`: class counts from dataset.json where needed (see
+    `needs_dataset_read`), the resources the queue needs and the JSON-ready spec."""
+    from jobs.spec.io import resolve_class_counts, validation_problems
+    from jobs.spec.train import SpecError
+
+    try:
         # Losses that need class counts get them from dataset.json now, so a job that could
         # never start is refused at submission and its record holds the counts it trains with.
-        model = resolve_class_counts(model, context=context)
+        model = resolve_class_counts(model, context=_context(settings))
     except (ValidationError, SpecError) as exc:
         raise InvalidSpec(validation_problems(exc)) from None
     train = model if kind == "train" else model.train
@@ -80,3 +102,10 @@ def validate_spec(kind: str, body: Any, settings: Settings) -> ValidatedSpec:
         requested_cpus=float(cpus),
         requested_gpus=float(gpus),
     )
+
+
+def _context(settings: Settings) -> dict[str, Any]:
+    context: dict[str, Any] = {"allowed_protocols": list(settings.allowed_protocols)}
+    if settings.allowed_roots is not None:
+        context["allowed_roots"] = list(settings.allowed_roots)
+    return context

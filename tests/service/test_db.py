@@ -111,3 +111,43 @@ def test_listing_orders_and_pages(store):
     positions = [job.id for job in queue if job.id in ids]
     assert positions == ids
     assert store.count_by_status()[db.QUEUED] >= 5
+
+
+def a_job(owner_id: int, key: str | None = None, epochs: int = 1) -> db.NewJob:
+    return db.NewJob(
+        kind="train", owner_id=owner_id, spec={"epochs": epochs}, storage_root="/tmp/runs",
+        requested_cpus=1.0, requested_gpus=0.0, idempotency_key=key,
+    )  # fmt: skip
+
+
+def test_a_batch_of_jobs_is_committed_in_one_transaction(store):
+    owner_id = owner(store, "alice")
+    outcomes = store.create_jobs([a_job(owner_id, epochs=n) for n in range(1, 6)])
+    assert all(created for _, created in outcomes)
+    made = [job for job, _ in outcomes]
+    for job, epochs in zip(made, range(1, 6), strict=True):
+        stored = store.get_job(job.id)
+        assert stored == job  # seq included
+        assert stored.spec == {"epochs": epochs} and stored.status == db.QUEUED
+        assert [e.reason for e in store.events_for(job.id)] == ["submitted"]
+    assert len({job.seq for job in made}) == 5
+
+
+def test_a_batch_breaking_an_idempotency_key_answers_each_job_as_alone(store):
+    alice = owner(store, "alice")
+    first, _ = new_job(store, alice, key="used")
+    outcomes = store.create_jobs(
+        [
+            a_job(alice),
+            a_job(alice, key="used"),  # the same body: the existing job
+            a_job(alice, key="used", epochs=2),  # another body: a conflict
+            a_job(alice, key="twice"),  # twice in the batch: one job
+            a_job(alice, key="twice"),
+        ]
+    )
+    plain, same, conflict, twice_1, twice_2 = outcomes
+    assert plain[1] and store.get_job(plain[0].id) is not None
+    assert same == (store.get_job(first.id), False)
+    assert isinstance(conflict, db.IdempotencyConflict) and conflict.job_id == first.id
+    assert twice_1[1] and twice_2 == (twice_1[0], False)
+    assert store.get_job_by_key(alice, "twice").id == twice_1[0].id
