@@ -210,6 +210,7 @@ def create_app(
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
         services = await run_in_threadpool(build_services, settings, launcher)
         await run_in_threadpool(services.store.migrate)
+        services.store.start_checkpointer()
         services.metrics.bind(services.store, services.reconciler)
         app.state.services = services
         services.writer.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -151,3 +152,21 @@ def test_a_batch_breaking_an_idempotency_key_answers_each_job_as_alone(store):
     assert isinstance(conflict, db.IdempotencyConflict) and conflict.job_id == first.id
     assert twice_1[1] and twice_2 == (twice_1[0], False)
     assert store.get_job_by_key(alice, "twice").id == twice_1[0].id
+
+
+def test_the_checkpointer_keeps_the_sqlite_wal_short_under_steady_writes(tmp_path):
+    # Writers no longer checkpoint before WAL_AUTOCHECKPOINT_PAGES: without the checkpointer
+    # (and its pass with writers held) the WAL would grow to that size under steady writes.
+    store = db.Store.from_url(f"sqlite:///{tmp_path / 'topk.db'}")
+    store.migrate()
+    alice = owner(store, "alice")
+    store.start_checkpointer(interval_s=0.05)
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            store.create_jobs([a_job(alice) for _ in range(20)])
+        wal_pages = (tmp_path / "topk.db-wal").stat().st_size / 4096
+        assert wal_pages < db.WAL_AUTOCHECKPOINT_PAGES / 2, wal_pages
+    finally:
+        store.close()
+    assert not store._checkpointer.is_alive()
