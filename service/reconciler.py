@@ -85,7 +85,10 @@ class Reconciler:
 
     def wake(self) -> None:
         """Run a pass now (e.g. a job was just submitted)."""
-        self._wake.set()
+        if self.launcher is None:  # hold mode: a pass has nothing to launch
+            return
+        if not self._wake.is_set():  # a pass is already due: waking the thread again is waste
+            self._wake.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():
