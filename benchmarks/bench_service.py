@@ -3,7 +3,9 @@
 Runs the real server (uvicorn, one process, SQLite in WAL mode under a temporary data dir) in
 launch mode `hold`: jobs are validated, recorded and acknowledged but stay queued, so this
 measures the API and the database, not a Ray cluster. Prints p50/p99 latency and accepted
-submissions per second per concurrency level, then the latency of a validation error (422).
+submissions per second per concurrency level, the CPU time that the server process and this
+client process spent per request (the machine has few cores: a client that needs as much CPU as
+the server would measure itself), then the latency of a validation error (422).
 
     .venv/bin/python benchmarks/bench_service.py [--requests 400] [--database-url URL]
 """
@@ -14,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +39,15 @@ SPEC = {
     "epochs": 10,
 }  # fmt: skip
 BAD_SPEC = {**SPEC, "loss": {"name": "noised_topk", "k": 500, "epsilon": -1}, "bogus": 1}
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of process `pid` (Linux /proc), or of this process."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -132,13 +144,18 @@ def main() -> int:
                     time.sleep(0.1)
             print(f"POST /v1/jobs, launch mode hold, {database_url.split(':')[0]}, "
                   f"{args.requests} requests per level, {os.cpu_count()} CPUs")  # fmt: skip
-            print(f"{'clients':>8} {'p50 ms':>8} {'p99 ms':>8} {'accepted/s':>11}")
+            print(f"{'clients':>8} {'p50 ms':>8} {'p99 ms':>8} {'accepted/s':>11} "
+                  f"{'server CPU ms/req':>18} {'client CPU ms/req':>18}")  # fmt: skip
             for clients in (1, 10, 50):
+                server_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds()
                 latencies, elapsed = asyncio.run(run_level(url, token, clients, args.requests,
                                                            SPEC, 201))  # fmt: skip
+                server_cpu = (cpu_seconds(server.pid) - server_cpu) / len(latencies)
+                client_cpu = (cpu_seconds() - client_cpu) / len(latencies)
                 print(
                     f"{clients:>8} {percentile(latencies, 50) * 1e3:>8.1f} "
-                    f"{percentile(latencies, 99) * 1e3:>8.1f} {len(latencies) / elapsed:>11.0f}"
+                    f"{percentile(latencies, 99) * 1e3:>8.1f} {len(latencies) / elapsed:>11.0f} "
+                    f"{server_cpu * 1e3:>18.2f} {client_cpu * 1e3:>18.2f}"
                 )
             latencies, _ = asyncio.run(run_level(url, token, 1, 200, BAD_SPEC, 422))
             print(
