@@ -1,4 +1,5 @@
-"""Image classifiers by name: torchvision ResNets and small CIFAR-style ResNets.
+"""Image classifiers by name: torchvision ResNets, small CIFAR-style ResNets and a small
+conv net.
 
 `build_model(arch, num_classes, ...)` returns an `nn.Module` mapping images
 [batch, in_channels, S, S] to scores [batch, num_classes]. Weights are never downloaded: a
@@ -35,9 +36,16 @@ _CIFAR_ARCHS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 
 
+# Plain conv nets (conv-BN-ReLU stages with a 2x2 max-pool between them): small enough that
+# a grid of hundreds of runs trains on a CPU. name -> channels per stage
+_CONVNET_ARCHS: dict[str, tuple[int, ...]] = {
+    "convnet_small": (32, 64, 128),
+}
+
+
 def list_archs() -> list[str]:
     """The architecture names `build_model` accepts, sorted."""
-    return sorted([*_TORCHVISION_ARCHS, *_CIFAR_ARCHS])
+    return sorted([*_TORCHVISION_ARCHS, *_CIFAR_ARCHS, *_CONVNET_ARCHS])
 
 
 class _BasicBlock(nn.Module):
@@ -96,6 +104,34 @@ class CifarResNet(nn.Module):
         return self.fc(features)
 
 
+class ConvNet(nn.Module):
+    """One 3x3 conv-BN-ReLU layer per stage, a 2x2 max-pool between stages, global average
+    pooling and a final layer `fc` (so a cosine head replaces it like a ResNet's)."""
+
+    def __init__(self, channels: tuple[int, ...], num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for index, width in enumerate(channels):
+            if index > 0:
+                layers.append(nn.MaxPool2d(2))
+            layers += [
+                nn.Conv2d(previous, width, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc: nn.Module = nn.Linear(previous, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(images)).flatten(1))
+
+
 def build_model(
     arch: str,
     num_classes: int,
@@ -122,6 +158,8 @@ def build_model(
     elif arch in _CIFAR_ARCHS:
         blocks, channels = _CIFAR_ARCHS[arch]
         model = CifarResNet(blocks, channels, num_classes, in_channels)
+    elif arch in _CONVNET_ARCHS:
+        model = ConvNet(_CONVNET_ARCHS[arch], num_classes, in_channels)
     else:
         raise ValueError(f"unknown arch {arch!r}; valid choices: {', '.join(list_archs())}")
     if pretrained is not None:

@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "jobs.data.cli",  # topk shards build|inspect
     "jobs.spec.cli",  # topk validate
     "jobs.cli",  # topk train|sweep (local runs on Ray)
+    "jobs.experiment.cli",  # topk experiment
     "service.client_cli",  # topk serve|submit|status|logs|cancel|token|demo
 )
 

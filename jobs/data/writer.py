@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Literal
 
@@ -117,6 +118,42 @@ def split_indices(
     }
 
 
+def corrupt_labels(
+    labels: np.ndarray,
+    indices: np.ndarray,
+    rate: float,
+    *,
+    groups: Sequence[int] | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """A copy of `labels` where `round(rate * len(indices))` of the items at `indices`, chosen
+    uniformly, carry another class of the same group instead of their own.
+
+    `groups[c]` is the group of class c (Omniglot: the alphabet; CIFAR-100: the superclass);
+    None puts every class in one group. Every changed label differs from the true one, so
+    `rate` is the share of wrong labels. Raises ValueError for a rate outside [0, 1) or a
+    changed item whose group has a single class.
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f"label noise must be in [0, 1), got {rate}")
+    noisy = labels.copy()
+    count = round(rate * len(indices))
+    if count == 0:
+        return noisy
+    num_classes = int(labels.max()) + 1 if groups is None else len(groups)
+    group_of = np.zeros(num_classes, np.int64) if groups is None else np.asarray(groups)
+    members = {int(g): np.flatnonzero(group_of == g) for g in np.unique(group_of)}
+    rng = np.random.default_rng([seed, 0x6E6F697365])  # its own stream: splits stay unchanged
+    for item in rng.choice(indices, size=count, replace=False):
+        true = int(labels[item])
+        others = members[int(group_of[true])]
+        others = others[others != true]
+        if len(others) == 0:
+            raise ValueError(f"class {true} is alone in its label-noise group: no other label")
+        noisy[item] = int(rng.choice(others))
+    return noisy
+
+
 def encode_item(
     item: tuple[bytes, str] | np.ndarray,
     *,
@@ -180,6 +217,8 @@ def build_shards(
     shard_max_samples: int = 10_000,
     shard_max_bytes: int = 256 << 20,
     class_names: list[str] | None = None,
+    train_label_noise: float = 0.0,
+    label_noise_groups: Sequence[int] | None = None,
     progress: IO[str] | None = sys.stderr,
     allowed_protocols: frozenset[str] = ALLOWED_PROTOCOLS,
     allowed_roots: list[str] | None = None,
@@ -187,6 +226,8 @@ def build_shards(
     """Write `source` (a local folder/zip/.npz/IDX folder path, or an ImageSource) as shards and
     dataset.json under the fsspec URL `out`; returns the summary.
 
+    `train_label_noise` gives that share of the training split another class of the same
+    group (`label_noise_groups[c]`, see `corrupt_labels`); val and test keep the true labels.
     Deterministic for a given source and seed. Raises ValueError for a bad source, option or
     refused `out` URL.
     """
@@ -215,6 +256,13 @@ def build_shards(
         imbalance_ratio=imbalance_ratio,
         imbalance_profile=imbalance_profile,
     )
+    if label_noise_groups is not None and len(label_noise_groups) != num_classes:
+        raise ValueError(
+            f"{len(label_noise_groups)} label-noise groups given for {num_classes} classes"
+        )
+    train_labels = corrupt_labels(
+        items.labels, splits["train"], train_label_noise, groups=label_noise_groups, seed=seed
+    )
     report = _Progress(progress)
     summary = WriteSummary(dataset_url="", num_classes=num_classes)
     shard_entries: dict[str, list[ShardEntry]] = {}
@@ -227,7 +275,7 @@ def build_shards(
             out_url, split, max_samples=shard_max_samples, max_bytes=shard_max_bytes
         ) as writer:
             for n, item_index in enumerate(order):
-                label = int(items.labels[item_index])
+                label = int((train_labels if split == "train" else items.labels)[item_index])
                 try:
                     data, ext = encode_item(
                         items.load(int(item_index)),
@@ -265,6 +313,8 @@ def build_shards(
             "imbalance_profile": imbalance_profile,
             "image_format": image_format,
             "max_size": max_size,
+            "train_label_noise": train_label_noise,
+            "train_labels_changed": int((train_labels != items.labels).sum()),
         },
     )
     summary.dataset_url = write_dataset_info(info, out_url)

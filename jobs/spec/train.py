@@ -43,9 +43,11 @@ ARCHITECTURES = (
     "resnet50",
     "resnet101",
     "resnet152",
+    "convnet_small",
 )
 """Model names the runtime builds: small CIFAR-style ResNets for small images, and torchvision's
-ImageNet ResNets by name."""
+ImageNet ResNets by name, and a small plain conv net (3 conv layers, 0.09M parameters) for CPU
+experiments."""
 
 
 class SpecError(ValueError):

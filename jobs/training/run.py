@@ -215,6 +215,44 @@ def run_training(
     return result
 
 
+def run_training_in_process(spec: TrainSpec, run_name: str, storage: str) -> dict[str, Any]:
+    """Train `spec` as run `run_name` in this process, on the CPU, with the same loop as a Ray
+    Train worker (jobs.training.worker.run_loop) and the same files under the local storage
+    root `storage`; an interrupted run resumes from its latest checkpoint. For many small
+    single-worker runs (the experiment runner), where starting a Ray Train worker group per run
+    would cost more than the training. Returns result.json's content; a failed run writes
+    result.json with status "failed" and raises RuntimeError with the cause."""
+    from jobs.training.worker import LocalSession, run_loop
+
+    check_run_name(run_name)
+    if spec.scaling.num_workers != 1 or spec.scaling.use_gpu:
+        raise ValueError("in-process training runs one CPU worker: set scaling.num_workers 1")
+    root = normalize_root(storage)
+    if "://" in root and not root.startswith("file://"):
+        raise ValueError(f"in-process training needs a local storage root, got {root}")
+    run_dir = join(root, run_name)
+    local_dir = run_dir.removeprefix("file://")
+    spec = resolve_class_counts(spec)
+    spec_url = join(run_dir, "spec.json")
+    if read_json(spec_url) is None:
+        write_json(spec_url, spec.model_dump(mode="json"))
+    session = LocalSession(
+        local_dir,
+        select=spec.metrics.select if spec.data.val is not None else "train_loss",
+        mode=spec.metrics.mode if spec.data.val is not None else "min",
+        keep=spec.checkpoint.keep_last,
+    )
+    try:
+        run_loop({"spec": spec.model_dump(mode="json"), "run_dir": run_dir}, session)
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        write_json(join(run_dir, "result.json"), summarize_run(spec, run_dir, error=message))
+        raise RuntimeError(message) from exc
+    result = summarize_run(spec, run_dir)
+    write_json(join(run_dir, "result.json"), result)
+    return result
+
+
 def _root_cause(exc: BaseException) -> str:
     """The innermost error's 'Type: message' (Ray nests the worker's exception)."""
     seen = exc

@@ -5,15 +5,25 @@ Per epoch: train, evaluate exactly across ranks, append the epoch to ROOT/RUN/me
 Rank 0 writes the model/optimiser/scheduler state into the checkpoint, every rank its RNG state;
 Ray Train merges them into one checkpoint directory. A (re)started worker group resumes from
 `ray.train.get_checkpoint()`, so a failure loses at most the epoch in progress.
+
+The loop talks to its runner through a small session object: `RayTrainSession` (Ray Train's
+context, checkpoints and report) for every job, and `LocalSession` (one process, checkpoints in
+ROOT/RUN/checkpoints) for `jobs.training.run.run_training_in_process`, which the experiment
+runner uses to train hundreds of small runs in reused Ray task processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
+import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,14 +107,98 @@ def _sum_across_ranks(value: int, device: torch.device) -> int:
     return int(total.item())
 
 
+class RayTrainSession:
+    """The loop's view of Ray Train: rank, device, the checkpoint to resume, report."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    @contextlib.contextmanager
+    def resume_directory(self) -> Iterator[str | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)
+
+    def report(self, metrics: dict[str, Any], directory: str, epoch: int) -> None:
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+        )
+
+
+class LocalSession:
+    """One process, no Ray Train: checkpoints go to `checkpoints/checkpoint_epoch_NNNN` under a
+    local run folder, keeping the `keep` best by `select` (in `mode`) and the latest, as Ray
+    Train's CheckpointConfig does; a new session resumes from the latest."""
+
+    def __init__(self, run_dir: str, *, select: str, mode: str, keep: int) -> None:
+        self.rank, self.world_size = 0, 1
+        self.device = torch.device("cpu")
+        self.folder = Path(run_dir) / "checkpoints"
+        self.select, self.mode, self.keep = select, mode, keep
+        self.scores_file = self.folder / "scores.json"
+
+    def _checkpoints(self) -> dict[int, Path]:
+        found = {}
+        for path in self.folder.glob("checkpoint_epoch_*"):
+            if (path / "state.pt").is_file():
+                found[int(path.name.rsplit("_", 1)[1])] = path
+        return found
+
+    @contextlib.contextmanager
+    def resume_directory(self) -> Iterator[str | None]:
+        checkpoints = self._checkpoints()
+        yield str(checkpoints[max(checkpoints)]) if checkpoints else None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def report(self, metrics: dict[str, Any], directory: str, epoch: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"checkpoint_epoch_{epoch:04d}"
+        staging = self.folder / f".staging_{epoch:04d}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(directory, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)  # a checkpoint is visible only once complete
+        scores = json.loads(self.scores_file.read_text()) if self.scores_file.is_file() else {}
+        if isinstance(metrics.get(self.select), (int, float)):
+            scores[str(epoch)] = float(metrics[self.select])
+        self.scores_file.write_text(json.dumps(scores))
+        checkpoints = self._checkpoints()
+        ranked = sorted(
+            (e for e in checkpoints if str(e) in scores),
+            key=lambda e: scores[str(e)],
+            reverse=self.mode == "max",
+        )
+        keep = set(ranked[: self.keep]) | {max(checkpoints)}
+        if not ranked:  # nothing scored: keep the latest ones
+            keep |= set(sorted(checkpoints)[-self.keep :])
+        for stale in set(checkpoints) - keep:
+            shutil.rmtree(checkpoints[stale], ignore_errors=True)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: {"spec": TrainSpec as a JSON dict, "run_dir": URL of
     ROOT/RUN}. The spec is validated again here: the worker trusts nothing it is sent."""
+    run_loop(config, RayTrainSession())
+
+
+def run_loop(config: dict[str, Any], session: RayTrainSession | LocalSession) -> None:
+    """The training loop of one rank, whatever runs it (see the module docstring)."""
     spec = TrainSpec.model_validate(config["spec"])
     run_dir: str = config["run_dir"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world_size = session.rank, session.world_size
+    device = session.device
     _seed_everything(spec.seed * 1000 + rank)
 
     loss_kwargs = spec.loss.to_kwargs()
@@ -143,14 +237,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     state = TrainingState(epoch=0, best_metric=None, best_epoch=None)
     resumed_from: int | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+    with session.resume_directory() as directory:
+        if directory is not None:
             state = load_training_state(
                 directory, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank
             )
-        resumed_from = state.epoch
-    model = ray.train.torch.prepare_model(model)
+            resumed_from = state.epoch
+    model = session.prepare_model(model)
     metrics_log = None
     if rank == 0:  # the only writer of metrics.jsonl
         metrics_log = MetricsLog(join(run_dir, "metrics.jsonl"), keep_through_epoch=state.epoch)
@@ -211,8 +304,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_rng_state(directory, rank)
             # Ray keeps None out of checkpoint scoring; report only numbers.
             reported = {key: val for key, val in metrics.items() if val is not None}
-            ray.train.report(
-                reported,
-                checkpoint=ray.train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
-            )
+            session.report(reported, directory, epoch)

@@ -1,0 +1,64 @@
+"""`topk experiment CONFIG`: run an experiment grid locally on Ray and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    help_text = "run a grid of training runs (datasets x losses x seeds) and report the results"
+    parser = subparsers.add_parser("experiment", help=help_text, description=help_text)
+    parser.add_argument("config", metavar="CONFIG", help="experiment file (YAML)")
+    parser.add_argument(
+        "--out",
+        help="where datasets, runs and records go (default: runs/experiments/<name>); "
+        "running again resumes: runs with a record are not redone",
+    )
+    parser.add_argument(
+        "--report",
+        metavar="PATH",
+        help="write the Markdown report here, with its CSV and plots in PATH's folder "
+        "under <stem>/ (e.g. docs/results.md -> docs/results/)",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="train nothing; report the existing records"
+    )
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="run again the runs whose record says failed"
+    )
+    parser.set_defaults(handler=run_experiment_command)
+
+
+def run_experiment_command(args: argparse.Namespace) -> int:
+    from jobs.experiment.config import load_config
+
+    try:
+        config = load_config(args.config)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("runs") / "experiments" / config.name)
+    command = "topk experiment " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
+    try:
+        if args.report_only:
+            from jobs.experiment.runner import collect
+
+            plan, records = collect(config, out)
+        else:
+            from jobs.experiment.runner import run_experiment
+
+            plan, records = run_experiment(config, out, retry_failed=args.retry_failed)
+    except ValueError as exc:  # a bad config value, a missing source, a refused path
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = [r for r in records.values() if r.get("status") != "succeeded"]
+    missing = [r for r in plan.runs if r not in records]
+    print(f"{len(records)} of {len(plan.runs)} runs have records, {len(failed)} failed")
+    if args.report:
+        from jobs.experiment.report import write_report
+
+        written = write_report(config, plan, records, Path(args.report), out, command=command)
+        print(f"report: {written}")
+    return 1 if failed or missing else 0
