@@ -384,6 +384,24 @@ def run_experiment(
     """Build the datasets, run every planned run that has no record yet (`retry_failed`: and
     those whose record says failed), and return the plan and all records."""
     out.mkdir(parents=True, exist_ok=True)
+    invoked = time.monotonic()
+    try:
+        return _run_grid(config, out, retry_failed=retry_failed, log=log)
+    finally:
+        _append_timing(out, time.monotonic() - invoked)
+
+
+def _append_timing(out: Path, seconds: float) -> None:
+    """Add this invocation's wall time to OUT/timing.json (the report sums the entries)."""
+    path = out / "timing.json"
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    entries.append({"finished": time.time(), "seconds": seconds})
+    path.write_text(json.dumps(entries, indent=1))
+
+
+def _run_grid(
+    config: ExperimentConfig, out: Path, *, retry_failed: bool, log: Log
+) -> tuple[Plan, dict[str, dict[str, Any]]]:
     datasets = build_datasets(config, out, log)
     plan = Plan(config, datasets)
     runs_root = out / "runs"

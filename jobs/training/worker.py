@@ -175,10 +175,10 @@ class LocalSession:
             scores[str(epoch)] = float(metrics[self.select])
         self.scores_file.write_text(json.dumps(scores))
         checkpoints = self._checkpoints()
-        ranked = sorted(
+        sign = -1.0 if self.mode == "max" else 1.0  # ties go to the earliest epoch, as in
+        ranked = sorted(  # summarize_run's choice of the best epoch
             (e for e in checkpoints if str(e) in scores),
-            key=lambda e: scores[str(e)],
-            reverse=self.mode == "max",
+            key=lambda e: (sign * scores[str(e)], e),
         )
         keep = set(ranked[: self.keep]) | {max(checkpoints)}
         if not ranked:  # nothing scored: keep the latest ones
