@@ -88,9 +88,11 @@ class RawConnection:
             self.writer.close()
 
 
-async def run_level(url: str, token: str, clients: int, total: int, body: dict, expect: int):
+async def run_level(
+    url: str, token: str, clients: int, total: int, body: dict, expect: int, server_pid: int
+):
     """`clients` connections posting back to back, `total` requests in all; returns (latencies
-    in seconds, elapsed seconds)."""
+    in seconds, elapsed seconds, CPU seconds of the server and of this client while timed)."""
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
     connections = [RawConnection(host, int(port), token) for _ in range(clients)]
@@ -113,14 +115,16 @@ async def run_level(url: str, token: str, clients: int, total: int, body: dict, 
     gc.collect()
     gc.disable()
     try:
+        server_cpu, client_cpu = cpu_seconds(server_pid), cpu_seconds()
         started = time.perf_counter()
         await asyncio.gather(*(one_client(c, max(1, total // clients)) for c in connections))
         elapsed = time.perf_counter() - started
+        server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu, cpu_seconds() - client_cpu
     finally:
         gc.enable()
     for connection in connections:
         connection.close()
-    return latencies, elapsed
+    return latencies, elapsed, server_cpu, client_cpu
 
 
 def main() -> int:
@@ -155,17 +159,16 @@ def main() -> int:
             print(f"{'clients':>8} {'p50 ms':>8} {'p99 ms':>8} {'accepted/s':>11} "
                   f"{'server CPU ms/req':>18} {'client CPU ms/req':>18}")  # fmt: skip
             for clients in (1, 10, 50):
-                server_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds()
-                latencies, elapsed = asyncio.run(run_level(url, token, clients, args.requests,
-                                                           SPEC, 201))  # fmt: skip
-                server_cpu = (cpu_seconds(server.pid) - server_cpu) / len(latencies)
-                client_cpu = (cpu_seconds() - client_cpu) / len(latencies)
+                latencies, elapsed, server_cpu, client_cpu = asyncio.run(
+                    run_level(url, token, clients, args.requests, SPEC, 201, server.pid)
+                )
+                server_cpu, client_cpu = server_cpu / len(latencies), client_cpu / len(latencies)
                 print(
                     f"{clients:>8} {percentile(latencies, 50) * 1e3:>8.1f} "
                     f"{percentile(latencies, 99) * 1e3:>8.1f} {len(latencies) / elapsed:>11.0f} "
                     f"{server_cpu * 1e3:>18.2f} {client_cpu * 1e3:>18.2f}"
                 )
-            latencies, _ = asyncio.run(run_level(url, token, 1, 200, BAD_SPEC, 422))
+            latencies, *_ = asyncio.run(run_level(url, token, 1, 200, BAD_SPEC, 422, server.pid))
             print(
                 f"validation error (422), 1 client: p50 {statistics.median(latencies) * 1e3:.1f} ms, "
                 f"p99 {percentile(latencies, 99) * 1e3:.1f} ms"
