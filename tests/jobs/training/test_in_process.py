@@ -1,0 +1,88 @@
+"""In-process training (the experiment runner's path) runs the Ray Train worker's loop: the
+same seeded spec gives the same per-epoch metrics both ways; its checkpoints keep the best and
+the latest, and an interrupted run resumes from the latest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from jobs.spec.train import TrainSpec
+from jobs.training.run import run_training, run_training_in_process
+from jobs.training.storage import read_metrics
+from jobs.training.worker import LocalSession
+
+
+def _small_spec(omniglot_spec, dataset_url, **overrides) -> TrainSpec:
+    spec = omniglot_spec(
+        dataset_url,
+        epochs=2,
+        scaling={"num_workers": 1},
+        model={"arch": "convnet_small"},
+        **overrides,
+    )
+    return TrainSpec.model_validate(spec)
+
+
+METRIC_KEYS = ("train_loss", "val_top1", "val_top5", "val_macro_top5", "samples", "lr")
+
+
+def test_in_process_run_matches_the_ray_train_run(
+    ray_cluster, omniglot_dataset, omniglot_spec, tmp_path
+):
+    spec = _small_spec(omniglot_spec, omniglot_dataset)
+    torch.set_num_threads(1)  # Ray's worker runs with 1 thread; the sums then agree exactly
+    via_ray = run_training(spec, "ray-run", storage=str(tmp_path))
+    local = run_training_in_process(spec, "local-run", storage=str(tmp_path))
+
+    ray_history = read_metrics(str(tmp_path / "ray-run" / "metrics.jsonl"))
+    local_history = read_metrics(str(tmp_path / "local-run" / "metrics.jsonl"))
+    assert [e["epoch"] for e in local_history] == [1, 2]
+    for ray_epoch, local_epoch in zip(ray_history, local_history, strict=True):
+        for key in METRIC_KEYS:
+            assert local_epoch[key] == pytest.approx(ray_epoch[key], rel=1e-4, abs=1e-6), key
+    assert local["status"] == via_ray["status"] == "succeeded"
+    assert local["best_epoch"] == via_ray["best_epoch"]
+    result = json.loads((tmp_path / "local-run" / "result.json").read_text())
+    assert result["best"]["val_top5"] == local_history[local["best_epoch"] - 1]["val_top5"]
+
+
+def test_in_process_run_resumes_and_keeps_best_and_latest(
+    omniglot_dataset, omniglot_spec, tmp_path
+):
+    first = _small_spec(omniglot_spec, omniglot_dataset)
+    run_training_in_process(first, "run", storage=str(tmp_path))
+    longer = first.model_copy(update={"epochs": 4})
+    result = run_training_in_process(longer, "run", storage=str(tmp_path))
+
+    history = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [e["epoch"] for e in history] == [1, 2, 3, 4]
+    assert [e["resumed_from_epoch"] for e in history] == [None, None, 2, 2]
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("checkpoint_epoch_*"))
+    best = max(history, key=lambda e: e["val_top5"])["epoch"]  # earliest on a tie
+    assert result["best_epoch"] == best
+    assert kept == sorted({f"checkpoint_epoch_{best:04d}", "checkpoint_epoch_0004"})
+
+
+def test_local_session_ranks_ties_by_the_earliest_epoch(tmp_path):
+    session = LocalSession(str(tmp_path), select="val_top5", mode="max", keep=1)
+    for epoch, score in [(1, 0.2), (2, 0.5), (3, 0.5), (4, 0.4)]:
+        staged = tmp_path / f"stage{epoch}"
+        staged.mkdir()
+        (staged / "state.pt").write_bytes(b"x")
+        session.report({"val_top5": score}, str(staged), epoch)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint_epoch_*"))
+    assert names == ["checkpoint_epoch_0002", "checkpoint_epoch_0004"]
+    with session.resume_directory() as directory:
+        assert directory.endswith("checkpoint_epoch_0004")
+
+
+def test_in_process_training_refuses_what_it_cannot_run(omniglot_dataset, omniglot_spec, tmp_path):
+    spec = TrainSpec.model_validate(omniglot_spec(omniglot_dataset, scaling={"num_workers": 2}))
+    with pytest.raises(ValueError, match="one CPU worker"):
+        run_training_in_process(spec, "run", storage=str(tmp_path))
+    single = _small_spec(omniglot_spec, omniglot_dataset)
+    with pytest.raises(ValueError, match="local storage root"):
+        run_training_in_process(single, "run", storage="s3://bucket/runs")
