@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format bench demo fashion-mnist clean
+.PHONY: setup test lint format bench demo fashion-mnist results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ format: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -q
+
+# The evidence report: trains the grid (resuming), then writes docs/results.md and docs/results/.
+results: setup fashion-mnist
+	$(BIN)/topk experiment experiments/paper.yaml --report docs/results.md
 
 bench: setup
 	$(BIN)/python benchmarks/bench_losses.py
