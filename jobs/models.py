@@ -48,6 +48,13 @@ def list_archs() -> list[str]:
     return sorted([*_TORCHVISION_ARCHS, *_CIFAR_ARCHS, *_CONVNET_ARCHS])
 
 
+def _init_convs(model: nn.Module) -> None:
+    """He initialisation (fan-out, ReLU) of every convolution, as torchvision's ResNets do."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
 class _BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
@@ -95,9 +102,7 @@ class CifarResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc: nn.Module = nn.Linear(previous, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        _init_convs(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.pool(self.stages(self.stem(images))).flatten(1)
@@ -124,9 +129,7 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc: nn.Module = nn.Linear(previous, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        _init_convs(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.features(images)).flatten(1))

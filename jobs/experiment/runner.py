@@ -240,14 +240,6 @@ def select_sweep_winner(records: list[dict[str, Any]], metric: str) -> dict[str,
 # -- one run (inside a Ray task) -----------------------------------------------------------------
 
 
-def _checkpoint_dirs(run_dir: Path) -> dict[int, Path]:
-    found = {}
-    for path in (run_dir / "checkpoints").glob("checkpoint_epoch_*"):
-        if (path / "state.pt").is_file():
-            found[int(path.name.rsplit("_", 1)[1])] = path
-    return found
-
-
 def evaluate_checkpoint(spec: Any, checkpoint: Path, split_url: str) -> dict[str, Any]:
     """Top-k and macro top-k accuracy and per-class recall of a checkpoint on one split."""
     import torch
@@ -287,6 +279,7 @@ def train_and_test(run: dict[str, Any], runs_root: str) -> dict[str, Any]:
     from jobs.spec.train import TrainSpec
     from jobs.training.run import run_training_in_process
     from jobs.training.storage import read_metrics
+    from jobs.training.worker import local_checkpoints
 
     torch.set_num_threads(1)
     started = time.monotonic()
@@ -311,7 +304,7 @@ def train_and_test(run: dict[str, Any], runs_root: str) -> dict[str, Any]:
     record["train_class_counts"] = dataset_info["splits"]["train"]["class_counts"]
     if error is None and result is not None:
         try:
-            checkpoints = _checkpoint_dirs(run_dir)
+            checkpoints = local_checkpoints(run_dir / "checkpoints")
             best_epoch = result.get("best_epoch") or max(checkpoints)
             final_epoch = max(checkpoints)
             test_url = f"{spec.data.train}#test"

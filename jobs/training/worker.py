@@ -36,6 +36,7 @@ from jobs.data.pipeline import build_eval_loader, build_train_loader
 from jobs.models import build_model
 from jobs.spec.train import TrainSpec
 from jobs.training.checkpoint import (
+    STATE_FILE,
     TrainingState,
     load_training_state,
     save_rng_state,
@@ -135,6 +136,16 @@ class RayTrainSession:
         )
 
 
+def local_checkpoints(folder: Path) -> dict[int, Path]:
+    """epoch -> checkpoint directory, for the complete checkpoints in a local `checkpoints`
+    folder (Ray Train's and LocalSession's `checkpoint_epoch_NNNN` names)."""
+    found = {}
+    for path in Path(folder).glob("checkpoint_epoch_*"):
+        if (path / STATE_FILE).is_file():
+            found[int(path.name.rsplit("_", 1)[1])] = path
+    return found
+
+
 class LocalSession:
     """One process, no Ray Train: checkpoints go to `checkpoints/checkpoint_epoch_NNNN` under a
     local run folder, keeping the `keep` best by `select` (in `mode`) and the latest, as Ray
@@ -148,11 +159,7 @@ class LocalSession:
         self.scores_file = self.folder / "scores.json"
 
     def _checkpoints(self) -> dict[int, Path]:
-        found = {}
-        for path in self.folder.glob("checkpoint_epoch_*"):
-            if (path / "state.pt").is_file():
-                found[int(path.name.rsplit("_", 1)[1])] = path
-        return found
+        return local_checkpoints(self.folder)
 
     @contextlib.contextmanager
     def resume_directory(self) -> Iterator[str | None]:
