@@ -163,9 +163,12 @@ def test_claim_rules(tmp_path):
     dataset = config.datasets[0].model_copy(update={"k": 5, "name": "d"})
     within = [_row("d", "smooth_topk_svm", 0.80, seconds=4.0), _row("d", "noised_topk", 0.795)]
     held, text = balanced_claim(dataset, within)
-    assert held is True and "0.25x smooth_topk_svm" in text
+    assert held is True and "-0.5 points" in text and "epoch time 0.25x" in text
     beyond = [_row("d", "cross_entropy", 0.80), _row("d", "noised_topk", 0.70)]
     assert balanced_claim(dataset, beyond)[0] is False
+    # its imbalanced sibling is not a competitor in claim 1
+    sibling = [*within, _row("d", "noised_topk_imbalanced", 0.95)]
+    assert balanced_claim(dataset, sibling)[0] is True
 
     rows = [_row("d", name, 0.5, macro=0.5) for name in ("cross_entropy", "focal", "ldam")]
     assert long_tail_claim(dataset, rows + [_row("d", "noised_topk_imbalanced", 0, macro=0.6)])[0]
