@@ -230,3 +230,12 @@ def test_a_missing_source_is_a_clear_error(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2
     assert "nowhere.zip does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_rank1_collapse_is_one_class_first_for_everything():
+    from jobs.experiment.report import rank1_collapsed
+
+    assert rank1_collapsed({"test_best": {"class_recall_top1": [1.0, 0.0, 0.05, 0.0]}})
+    assert not rank1_collapsed({"test_best": {"class_recall_top1": [1.0, 0.3, 0.0, 0.0]}})
+    assert not rank1_collapsed({"test_best": {"class_recall_top1": [0.8, 0.0, 0.0, 0.0]}})
+    assert not rank1_collapsed({"status": "failed"})
