@@ -40,7 +40,12 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or Path("runs") / "experiments" / config.name)
-    command = "topk experiment " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
+    # The command that trains and reports from scratch (--report-only would need the records).
+    command = " ".join(
+        ["topk experiment", args.config]
+        + (["--out", args.out] if args.out else [])
+        + (["--report", args.report] if args.report else [])
+    )
     try:
         if args.report_only:
             from jobs.experiment.runner import collect
