@@ -4,6 +4,7 @@ the properties the deployment promises (no public Ray, GPU workers, hardened API
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
@@ -15,7 +16,15 @@ from deploy_manifests import REPO, find, pod_templates
 # and the newest whose schemas kubernetes-validate ships (catches removed APIs).
 KUBERNETES_VERSION = "1.30.0"
 KUBERNETES_VERSIONS = (KUBERNETES_VERSION, kubernetes_validate.utils.latest_version())
-RAYCLUSTER_CRD = REPO.parent / "shared" / "k8s-schemas" / "ray.io_rayclusters.yaml"
+# ../shared next to the checkout; /work/shared where a clone lives elsewhere on this machine
+RAYCLUSTER_CRD = next(
+    (
+        root / "k8s-schemas" / "ray.io_rayclusters.yaml"
+        for root in (REPO.parent / "shared", Path("/work/shared"))
+        if (root / "k8s-schemas" / "ray.io_rayclusters.yaml").is_file()
+    ),
+    REPO.parent / "shared" / "k8s-schemas" / "ray.io_rayclusters.yaml",
+)
 CUSTOM_KINDS = {"RayCluster"}
 
 
