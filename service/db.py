@@ -189,10 +189,6 @@ class NewJob:
     name: str | None = None
 
 
-def _new_job_fields(job: NewJob) -> dict[str, Any]:
-    return {field: getattr(job, field) for field in NewJob.__dataclass_fields__}
-
-
 # Statements built once: their values travel as parameters, so SQLAlchemy compiles each once
 # (building `.values(**row)` per call made a new statement and cache key for every job).
 _INSERT_JOB = jobs.insert()
@@ -418,17 +414,22 @@ class Store:
         when the body is the same, IdempotencyConflict otherwise. The unique constraint on
         (owner, key) makes concurrent requests create exactly one job.
         """
-        job = NewJob(
-            kind=kind,
-            owner_id=owner_id,
-            spec=spec,
-            storage_root=storage_root,
-            requested_cpus=requested_cpus,
-            requested_gpus=requested_gpus,
-            idempotency_key=idempotency_key,
-            name=name,
+        return self._create_one(
+            NewJob(
+                kind=kind,
+                owner_id=owner_id,
+                spec=spec,
+                storage_root=storage_root,
+                requested_cpus=requested_cpus,
+                requested_gpus=requested_gpus,
+                idempotency_key=idempotency_key,
+                name=name,
+            )
         )
+
+    def _create_one(self, job: NewJob) -> tuple[JobRow, bool]:
         values, spec_text = self._job_values(job)
+        idempotency_key, owner_id = job.idempotency_key, job.owner_id
         try:
             with self._write() as conn:
                 seq = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]
@@ -463,7 +464,7 @@ class Store:
             outcomes: list[tuple[JobRow, bool] | Exception] = []
             for job in batch:
                 try:
-                    outcomes.append(self.create_job(**_new_job_fields(job)))
+                    outcomes.append(self._create_one(job))
                 except Exception as exc:
                     outcomes.append(exc)
             return outcomes
