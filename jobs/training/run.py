@@ -185,14 +185,7 @@ def run_training(
     goes. A failed run writes result.json with status "failed" and raises RuntimeError
     with the cause. Raises ValueError for a bad run name or storage URL.
     """
-    check_run_name(run_name)
-    root = normalize_root(storage or spec.storage)
-    run_dir = join(root, run_name)
-    spec = resolve_class_counts(spec)
-    spec_url = join(run_dir, "spec.json")
-    if read_json(spec_url) is None:  # the service writes it first; a local run writes it here
-        write_json(spec_url, spec.model_dump(mode="json"))
-
+    spec, run_dir = _open_run(spec, run_name, storage or spec.storage)
     scaling = spec.scaling
     ensure_ray(
         address,
@@ -207,11 +200,30 @@ def run_training(
             with MetricsFollower(run_dir, on_epoch):
                 trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; keep the root cause's message
-        message = _root_cause(exc)
-        write_json(join(run_dir, "result.json"), summarize_run(spec, run_dir, error=message))
-        raise RuntimeError(message) from exc
-    result = summarize_run(spec, run_dir)
+        _close_run(spec, run_dir, error=_root_cause(exc), cause=exc)
+    return _close_run(spec, run_dir)
+
+
+def _open_run(spec: TrainSpec, run_name: str, storage: str | None) -> tuple[TrainSpec, str]:
+    """Check the run name, resolve the class counts and write ROOT/RUN/spec.json when absent
+    (the service writes it first); returns the resolved spec and ROOT/RUN."""
+    check_run_name(run_name)
+    run_dir = join(normalize_root(storage), run_name)
+    spec = resolve_class_counts(spec)
+    spec_url = join(run_dir, "spec.json")
+    if read_json(spec_url) is None:
+        write_json(spec_url, spec.model_dump(mode="json"))
+    return spec, run_dir
+
+
+def _close_run(
+    spec: TrainSpec, run_dir: str, *, error: str | None = None, cause: BaseException | None = None
+) -> dict[str, Any]:
+    """Write result.json; returns it, or raises RuntimeError(error) for a failed run."""
+    result = summarize_run(spec, run_dir, error=error)
     write_json(join(run_dir, "result.json"), result)
+    if error is not None:
+        raise RuntimeError(error) from cause
     return result
 
 
@@ -224,33 +236,24 @@ def run_training_in_process(spec: TrainSpec, run_name: str, storage: str) -> dic
     result.json with status "failed" and raises RuntimeError with the cause."""
     from jobs.training.worker import LocalSession, run_loop
 
-    check_run_name(run_name)
     if spec.scaling.num_workers != 1 or spec.scaling.use_gpu:
         raise ValueError("in-process training runs one CPU worker: set scaling.num_workers 1")
     root = normalize_root(storage)
     if "://" in root and not root.startswith("file://"):
         raise ValueError(f"in-process training needs a local storage root, got {root}")
-    run_dir = join(root, run_name)
-    local_dir = run_dir.removeprefix("file://")
-    spec = resolve_class_counts(spec)
-    spec_url = join(run_dir, "spec.json")
-    if read_json(spec_url) is None:
-        write_json(spec_url, spec.model_dump(mode="json"))
+    spec, run_dir = _open_run(spec, run_name, root)
     session = LocalSession(
-        local_dir,
-        select=spec.metrics.select if spec.data.val is not None else "train_loss",
-        mode=spec.metrics.mode if spec.data.val is not None else "min",
+        run_dir.removeprefix("file://"),
+        # as build_trainer: the best by the selection metric, or the latest without val
+        select=spec.metrics.select if spec.data.val is not None else None,
+        mode=spec.metrics.mode,
         keep=spec.checkpoint.keep_last,
     )
     try:
         run_loop({"spec": spec.model_dump(mode="json"), "run_dir": run_dir}, session)
     except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}"
-        write_json(join(run_dir, "result.json"), summarize_run(spec, run_dir, error=message))
-        raise RuntimeError(message) from exc
-    result = summarize_run(spec, run_dir)
-    write_json(join(run_dir, "result.json"), result)
-    return result
+        _close_run(spec, run_dir, error=f"{type(exc).__name__}: {exc}", cause=exc)
+    return _close_run(spec, run_dir)
 
 
 def _root_cause(exc: BaseException) -> str:

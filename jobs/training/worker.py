@@ -15,7 +15,6 @@ runner uses to train hundreds of small runs in reused Ray task processes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -43,7 +42,7 @@ from jobs.training.checkpoint import (
     save_training_state,
 )
 from jobs.training.loop import build_optimizer, build_scheduler, evaluate, train_one_epoch
-from jobs.training.storage import MetricsLog, join
+from jobs.training.storage import MetricsLog, join, read_metrics
 from topk import create_loss, get_loss_class
 
 # Test hook for the fault-tolerance test: "RANK:EPOCH:MARKER_PATH" makes that rank's process
@@ -148,22 +147,20 @@ def local_checkpoints(folder: Path) -> dict[int, Path]:
 
 class LocalSession:
     """One process, no Ray Train: checkpoints go to `checkpoints/checkpoint_epoch_NNNN` under a
-    local run folder, keeping the `keep` best by `select` (in `mode`) and the latest, as Ray
-    Train's CheckpointConfig does; a new session resumes from the latest."""
+    local run folder, keeping the `keep` best by `select` (in `mode`; the scores are read from
+    the run's metrics.jsonl) and the latest, as Ray Train's CheckpointConfig does (the `keep`
+    latest when `select` is None); a new session resumes from the latest."""
 
-    def __init__(self, run_dir: str, *, select: str, mode: str, keep: int) -> None:
+    def __init__(self, run_dir: str, *, select: str | None, mode: str, keep: int) -> None:
         self.rank, self.world_size = 0, 1
         self.device = torch.device("cpu")
-        self.folder = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / "checkpoints"
         self.select, self.mode, self.keep = select, mode, keep
-        self.scores_file = self.folder / "scores.json"
-
-    def _checkpoints(self) -> dict[int, Path]:
-        return local_checkpoints(self.folder)
 
     @contextlib.contextmanager
     def resume_directory(self) -> Iterator[str | None]:
-        checkpoints = self._checkpoints()
+        checkpoints = local_checkpoints(self.folder)
         yield str(checkpoints[max(checkpoints)]) if checkpoints else None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -177,19 +174,20 @@ class LocalSession:
         shutil.copytree(directory, staging)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)  # a checkpoint is visible only once complete
-        scores = json.loads(self.scores_file.read_text()) if self.scores_file.is_file() else {}
-        if isinstance(metrics.get(self.select), (int, float)):
-            scores[str(epoch)] = float(metrics[self.select])
-        self.scores_file.write_text(json.dumps(scores))
-        checkpoints = self._checkpoints()
-        sign = -1.0 if self.mode == "max" else 1.0  # ties go to the earliest epoch, as in
-        ranked = sorted(  # summarize_run's choice of the best epoch
-            (e for e in checkpoints if str(e) in scores),
-            key=lambda e: (sign * scores[str(e)], e),
-        )
-        keep = set(ranked[: self.keep]) | {max(checkpoints)}
-        if not ranked:  # nothing scored: keep the latest ones
-            keep |= set(sorted(checkpoints)[-self.keep :])
+        checkpoints = local_checkpoints(self.folder)
+        keep = {max(checkpoints)} | set(sorted(checkpoints)[-self.keep :])
+        if self.select is not None:
+            scores = {
+                record["epoch"]: float(record[self.select])
+                for record in read_metrics(str(self.run_dir / "metrics.jsonl"))
+                if isinstance(record.get(self.select), (int, float))
+            }
+            scores[epoch] = float(metrics[self.select])
+            sign = -1.0 if self.mode == "max" else 1.0  # ties go to the earliest epoch, as in
+            ranked = sorted(  # summarize_run's choice of the best epoch
+                (e for e in checkpoints if e in scores), key=lambda e: (sign * scores[e], e)
+            )
+            keep = {max(checkpoints)} | set(ranked[: self.keep])
         for stale in set(checkpoints) - keep:
             shutil.rmtree(checkpoints[stale], ignore_errors=True)
 

@@ -72,11 +72,24 @@ def test_local_session_ranks_ties_by_the_earliest_epoch(tmp_path):
         staged = tmp_path / f"stage{epoch}"
         staged.mkdir()
         (staged / "state.pt").write_bytes(b"x")
+        with (tmp_path / "metrics.jsonl").open("a") as log:  # the loop logs before it reports
+            log.write(json.dumps({"epoch": epoch, "val_top5": score}) + "\n")
         session.report({"val_top5": score}, str(staged), epoch)
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint_epoch_*"))
     assert names == ["checkpoint_epoch_0002", "checkpoint_epoch_0004"]
     with session.resume_directory() as directory:
         assert directory.endswith("checkpoint_epoch_0004")
+
+
+def test_local_session_without_a_metric_keeps_the_latest(tmp_path):
+    session = LocalSession(str(tmp_path), select=None, mode="max", keep=2)
+    for epoch in range(1, 5):
+        staged = tmp_path / f"stage{epoch}"
+        staged.mkdir()
+        (staged / "state.pt").write_bytes(b"x")
+        session.report({"train_loss": 1.0 / epoch}, str(staged), epoch)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint_epoch_*"))
+    assert names == ["checkpoint_epoch_0003", "checkpoint_epoch_0004"]
 
 
 def test_in_process_training_refuses_what_it_cannot_run(omniglot_dataset, omniglot_spec, tmp_path):
