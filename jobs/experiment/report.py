@@ -10,6 +10,7 @@ numbers by fixed rules, written next to them.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import platform
@@ -21,8 +22,11 @@ from typing import Any
 from jobs.experiment.config import DatasetConfig, ExperimentConfig
 from jobs.experiment.runner import Plan
 
-BALANCED_BASELINES = ("cross_entropy", "smooth_topk_svm", "topk_hinge", "focal")
 LONG_TAIL_BASELINES = ("cross_entropy", "focal", "ldam", "logit_adjusted", "smooth_topk_svm")
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(params.items()))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -108,20 +112,16 @@ def balanced_claim(dataset: DatasetConfig, rows: list[dict[str, Any]]) -> tuple[
     k = dataset.k
     key = f"test_top{k}"
     mine = _row(rows, dataset.name, "noised_topk")
-    others = sorted(
-        (
-            r
-            for r in rows
-            if r["dataset"] == dataset.name
-            and r["loss"] not in ("noised_topk", "noised_topk_imbalanced")
-            and not math.isnan(r[f"{key}_mean"])
-        ),
-        key=lambda r: r[f"{key}_mean"],
-        reverse=True,
-    )
+    others = [
+        r
+        for r in rows
+        if r["dataset"] == dataset.name
+        and r["loss"] not in ("noised_topk", "noised_topk_imbalanced")
+        and not math.isnan(r[f"{key}_mean"])
+    ]
     if mine is None or math.isnan(mine[f"{key}_mean"]) or not others:
         return None, "not enough finished runs"
-    best = others[0]
+    best = max(others, key=lambda r: r[f"{key}_mean"])
     gap = best[f"{key}_mean"] - mine[f"{key}_mean"]
     tolerance = max(best[f"{key}_std"], mine[f"{key}_std"])
     held = gap <= tolerance
@@ -185,6 +185,12 @@ def _plt():
     return plt
 
 
+def _save(plt, figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
 def plot_curves(
     dataset: DatasetConfig,
     config: ExperimentConfig,
@@ -215,9 +221,7 @@ def plot_curves(
     axes[0].set_ylabel("accuracy (mean over seeds)")
     axes[1].legend(fontsize=8, loc="lower right")
     figure.suptitle(dataset.title or dataset.name, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def plot_class_recall(
@@ -258,9 +262,7 @@ def plot_class_recall(
     axis.set_ylabel(f"test top-{k} recall of the class")
     axis.set_title(dataset.title or dataset.name, fontsize=10)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 # -- the page ------------------------------------------------------------------------------------
@@ -275,18 +277,10 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    try:
-        import torch
+    import ray
+    import torch
 
-        torch_version = torch.__version__
-    except ImportError:  # pragma: no cover - the jobs extra installs torch
-        torch_version = "?"
-    try:
-        import ray
-
-        ray_version = ray.__version__
-    except ImportError:  # pragma: no cover
-        ray_version = "?"
+    gpus = torch.cuda.device_count()
     memory = ""
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -294,8 +288,9 @@ def _machine() -> str:
     except (ValueError, OSError):
         pass
     return (
-        f"{os.cpu_count()} CPU cores ({model}){memory}, no GPU; Python "
-        f"{platform.python_version()}, torch {torch_version}, Ray {ray_version}"
+        f"{os.cpu_count()} CPU cores ({model}){memory}, {f'{gpus} GPUs' if gpus else 'no GPU'} "
+        f"(runs train on the CPU); Python {platform.python_version()}, torch "
+        f"{torch.__version__}, Ray {ray.__version__}"
     )
 
 
@@ -326,7 +321,7 @@ def run_rows(
             "loss": run.loss,
             "seed": run.seed,
             "roles": "+".join(sorted(run.roles)),
-            "params": " ".join(f"{key}={value}" for key, value in sorted(run.params.items())),
+            "params": _params_text(run.params),
             "status": record.get("status") if record else "not run",
         }
         if record and record.get("status") == "succeeded":
@@ -403,15 +398,11 @@ def write_report(
 
 
 def _read_timing(out: Path) -> float:
-    import json
-
+    """The wall time of every invocation of the grid so far (runner.py's timing.json)."""
     timing = out / "timing.json"
-    if timing.is_file():
-        return float(sum(entry["seconds"] for entry in json.loads(timing.read_text())))
-    # A grid run by a version without timing.json: first dataset built to last record written.
-    starts = [p.stat().st_mtime for p in (out / "data").glob("*/dataset.json")]
-    ends = [p.stat().st_mtime for p in (out / "runs").glob("*/record.json")]
-    return max(ends) - min(starts) if starts and ends else 0.0
+    if not timing.is_file():
+        return 0.0
+    return float(sum(entry["seconds"] for entry in json.loads(timing.read_text())))
 
 
 def _setup_section(config: ExperimentConfig) -> list[str]:
@@ -513,8 +504,8 @@ def _claims_section(config: ExperimentConfig, rows: list[dict[str, Any]]) -> lis
             "Cost (claim 3): training seconds per epoch relative to cross-entropy, mean over "
             "datasets: "
             + ", ".join(f"`{loss}` {ratio:.2f}x" for loss, ratio in costs.items())
-            + ". These are wall-clock epochs of runs sharing 2 cores with another run, so "
-            "their spread is large (see the s/epoch columns); `benchmarks/bench_train.py` "
+            + f". These are wall-clock epochs of {config.concurrency} runs sharing "
+            f"{os.cpu_count()} CPU cores, so their spread is large (see the s/epoch columns); `benchmarks/bench_train.py` "
             "measures step time per loss in one quiet process.",
         ]
     return lines + [""]
@@ -542,7 +533,7 @@ def _dataset_section(
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in (r for r in rows if r["dataset"] == dataset.name):
-        params = ", ".join(f"{key}={value}" for key, value in sorted(row["params"].items()))
+        params = _params_text(row["params"])
         ratio = row["time_vs_cross_entropy"]
         lines.append(
             f"| `{row['loss']}` | {params or '-'} | {row['seeds']} | "
@@ -578,13 +569,13 @@ def _sweep_section(
         "|---|---|---|---|",
     ]
     by_name = {d.name: d for d in config.datasets}
+    finals = {r.run_id for r in plan.runs.values() if "final" in r.roles}
     for (dataset_name, loss), run_ids in plan.sweeps.items():
         metric = by_name[dataset_name].select_metric
-        finals = {r.run_id for r in plan.runs.values() if "final" in r.roles}
         for run_id in run_ids:
             run, record = plan.runs[run_id], records.get(run_id, {})
             value = (record.get("val_best") or {}).get(metric)
-            params = ", ".join(f"{key}={v}" for key, v in sorted(run.params.items()))
+            params = _params_text(run.params)
             shown = "n/a" if value is None else f"{value * 100:.1f}"
             if run_id in finals:
                 params, shown = f"**{params}**", f"**{shown}**"

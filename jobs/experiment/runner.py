@@ -7,14 +7,15 @@ Layout under the output root OUT:
                                    checkpoints, result.json) plus record.json, written last
 A run id is `<dataset>--<loss>--<hash of the training spec>--s<seed>`, so a run is redone only
 when its spec changes, and a sweep run and a final run with the same spec are one run. A run
-with record.json is finished; one without is started again, and Ray Train resumes it from its
-last checkpoint.
+with record.json is finished; one without is started again and resumes from its latest
+checkpoint.
 
 Every run is a Ray task (`concurrency` at once, in reused worker processes) that runs the
 training loop of `topk train` and of the service's jobs (jobs.training.worker.run_loop, with
 the same model, loss, data pipeline, checkpoints and metrics files) in process through
-`jobs.training.run.run_training_in_process`: a Ray Train worker group per run cost about 20 s
-of CPU on this 2-core machine, more than training a small run. After training, the task
+`jobs.training.run.run_training_in_process`: with a Ray Train worker group per run, runs that
+had nothing left to train still took 24-39 s each on a 2-core machine (CPU-bound), more than
+training one of these small runs. After training, the task
 evaluates the best-validation checkpoint and the last one on the test split (per-class top-K
 recall included). The test split is read only there: sweeps select on the validation split.
 """
@@ -27,7 +28,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +118,11 @@ class PlannedRun:
     """"sweep" and/or "final"."""
 
 
-def _num_classes(dataset_json: Path) -> int:
-    return int(json.loads(dataset_json.read_text())["num_classes"])
-
-
 def make_spec(
     config: ExperimentConfig,
     dataset: DatasetConfig,
     dataset_json: Path,
+    num_classes: int,
     loss: str,
     params: dict[str, Any],
     seed: int,
@@ -140,7 +138,7 @@ def make_spec(
         "data": {
             "train": str(dataset_json),
             "val": f"{dataset_json}#val",
-            "num_classes": _num_classes(dataset_json),
+            "num_classes": num_classes,
         },
         "loss": loss_part,
         "seed": seed,
@@ -171,6 +169,10 @@ class Plan:
     def __init__(self, config: ExperimentConfig, datasets: dict[str, Path]):
         self.config = config
         self.datasets = datasets
+        self.num_classes = {
+            name: int(json.loads(path.read_text())["num_classes"])
+            for name, path in datasets.items()
+        }
         self.by_name = {d.name: d for d in config.datasets}
         self.runs: dict[str, PlannedRun] = {}
         self.sweeps: dict[tuple[str, str], list[str]] = {}  # (dataset, loss) -> run ids
@@ -191,7 +193,15 @@ class Plan:
 
     def _add(self, dataset_name: str, loss: str, params: dict, seed: int, role: str) -> str:
         dataset = self.by_name[dataset_name]
-        spec = make_spec(self.config, dataset, self.datasets[dataset_name], loss, params, seed)
+        spec = make_spec(
+            self.config,
+            dataset,
+            self.datasets[dataset_name],
+            self.num_classes[dataset_name],
+            loss,
+            params,
+            seed,
+        )
         run_id = run_id_for(dataset_name, loss, spec, seed)
         run = self.runs.setdefault(
             run_id, PlannedRun(run_id, dataset_name, loss, dict(params), seed, spec)
@@ -345,10 +355,19 @@ def read_records(runs_root: Path, run_ids: list[str]) -> dict[str, dict[str, Any
     return records
 
 
-def _read_kept(runs_root: Path, run_ids: list[str], retry_failed: bool) -> dict[str, Any]:
-    records = read_records(runs_root, run_ids)
-    if retry_failed:
-        records = {k: v for k, v in records.items() if v.get("status") == "succeeded"}
+def _load_records(plan: Plan, runs_root: Path, *, retry_failed: bool) -> dict[str, Any]:
+    """The records of the plan's runs (without the failed ones when `retry_failed`), adding
+    the final runs of sweeps that finished earlier and reading theirs too."""
+
+    def kept(run_ids: list[str]) -> dict[str, Any]:
+        records = read_records(runs_root, run_ids)
+        if retry_failed:
+            records = {k: v for k, v in records.items() if v.get("status") == "succeeded"}
+        return records
+
+    records = kept(list(plan.runs))
+    while added := plan.release_finals(records):
+        records.update(kept(added))
     return records
 
 
@@ -361,10 +380,7 @@ def collect(config: ExperimentConfig, out: Path) -> tuple[Plan, dict[str, dict[s
             raise ValueError(f"dataset {dataset.name} is not built under {out}: run the grid first")
         datasets[dataset.name] = info
     plan = Plan(config, datasets)
-    records = read_records(out / "runs", list(plan.runs))
-    while added := plan.release_finals(records):
-        records.update(read_records(out / "runs", added))
-    return plan, records
+    return plan, _load_records(plan, out / "runs", retry_failed=False)
 
 
 def run_experiment(
@@ -399,9 +415,7 @@ def _run_grid(
     plan = Plan(config, datasets)
     runs_root = out / "runs"
     runs_root.mkdir(exist_ok=True)
-    records = _read_kept(runs_root, list(plan.runs), retry_failed)
-    while added := plan.release_finals(records):  # sweeps finished in an earlier invocation
-        records.update(_read_kept(runs_root, added, retry_failed))
+    records = _load_records(plan, runs_root, retry_failed=retry_failed)
     todo = [r for r in plan.runs if r not in records]
     if not todo:
         log(f"all {len(plan.runs)} runs have records; nothing to train")
@@ -427,15 +441,7 @@ def _run_grid(
             while todo and len(in_flight) < config.concurrency:
                 run_id = todo.pop(0)
                 run = plan.runs[run_id]
-                payload = {
-                    "run_id": run.run_id,
-                    "dataset": run.dataset,
-                    "loss": run.loss,
-                    "params": run.params,
-                    "seed": run.seed,
-                    "roles": sorted(run.roles),
-                    "spec": run.spec,
-                }
+                payload = {**asdict(run), "roles": sorted(run.roles)}
                 in_flight[remote.remote(payload, str(runs_root))] = run_id
             if not in_flight:
                 break
