@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch/torchvision: the releases this machine keeps on disk (a CUDA build that runs on the CPU)
 	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install --quiet -e ".[jobs,service,dev]"
+	$(BIN)/pip install --quiet -e ".[jobs,service,experiment,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
