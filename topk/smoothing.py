@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from topk.validation import check_positive_float, check_positive_int
+from topk.fused_selection import noised_kth_largest, uses_triton
+from topk.validation import check_positive_float, check_positive_int, host_reads_allowed
 
 SAMPLERS = ("full", "lazy")
 
@@ -115,16 +116,21 @@ class _MeanOneHotSelection(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
         (sampled_indices,) = ctx.saved_tensors
-        n_samples = sampled_indices.shape[1]
-        grad_scores = grad_output.new_zeros(ctx.scores_shape, dtype=ctx.scores_dtype)
-        per_draw = (grad_output / n_samples).to(ctx.scores_dtype)
-        rows = torch.arange(grad_scores.shape[0], device=grad_scores.device)
-        # One draw at a time: each row then has a single index, so a plain read-add-write is
-        # exact and deterministic (scatter_add_ on CUDA is not, and torch refuses it under
-        # torch.use_deterministic_algorithms).
-        for draw in range(n_samples):
-            grad_scores[rows, sampled_indices[:, draw]] += per_draw
-        return grad_scores, None, None
+        rows, n_samples = sampled_indices.shape
+        # Count how often each class was drawn, exactly (float32 holds every integer below
+        # 2**24; float64 beyond, and for float64 scores), then scale once: adding grad / n once
+        # per draw rounds at every draw and drifts as n grows, and in half precision the rows
+        # would not sum to 1.
+        wide = ctx.scores_dtype == torch.float64 or n_samples >= (1 << 24)
+        count_dtype = torch.float64 if wide else torch.float32
+        counts = torch.zeros(ctx.scores_shape, dtype=count_dtype, device=sampled_indices.device)
+        row_ids = torch.arange(rows, device=counts.device)[:, None].expand(rows, n_samples)
+        # Adding 1.0s is exact in any order, so the accumulating index_put_ gives the same counts
+        # on every run, and torch allows it under torch.use_deterministic_algorithms.
+        ones = torch.ones((), dtype=count_dtype, device=counts.device).expand(rows, n_samples)
+        counts.index_put_((row_ids, sampled_indices), ones, accumulate=True)
+        weight = grad_output.to(count_dtype) / n_samples
+        return counts.mul_(weight[:, None]).to(ctx.scores_dtype), None, None
 
 
 def smoothed_kth_largest(
@@ -175,7 +181,7 @@ def smoothed_kth_largest(
         if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != expected:
             got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise)
             raise ValueError(f"noise must have shape {expected}, got {got}")
-        if not torch.isfinite(noise).all():
+        if scores.device.type == "cpu" and not torch.isfinite(noise).all():
             raise ValueError("noise contains NaN or infinite values")
         if sampler != "full":
             raise ValueError("explicit noise is only supported with sampler='full'")
@@ -183,7 +189,10 @@ def smoothed_kth_largest(
     rows_view = scores.movedim(dim, -1)
     leading_shape = rows_view.shape[:-1]
     rows_view = rows_view.reshape(-1, classes)
-    if not torch.isfinite(rows_view).all():
+    # A CPU has nothing to synchronise: a non-finite score is a ValueError at once. On a GPU the
+    # check stays on the device: the rows holding one come back NaN.
+    check_on_host = scores.device.type == "cpu" and host_reads_allowed(scores)
+    if check_on_host and not torch.isfinite(rows_view).all():
         raise ValueError("scores contain NaN or infinite values")
     if noise is not None:
         noise = noise.movedim(dim + 1, -1).reshape(n_samples, -1, classes)
@@ -196,6 +205,9 @@ def smoothed_kth_largest(
         noise=noise,
         sampler=sampler,
     )
+    if not check_on_host:
+        nonfinite_rows = ~torch.isfinite(rows_view.detach()).all(dim=1)
+        result = torch.where(nonfinite_rows, torch.full_like(result, float("nan")), result)
     return result.reshape(leading_shape)
 
 
@@ -210,12 +222,19 @@ def smoothed_kth_largest_rows(
     sampler: str = "full",
 ) -> torch.Tensor:
     """smoothed_kth_largest for callers that have validated their input: scores [rows, classes]
-    finite, 1 <= k <= classes, epsilon >= 0, n_samples >= 1, sampler valid, the generator on
+    (on the Triton path a row with a non-finite score gives a meaningless value: check first), 1 <= k <= classes, epsilon >= 0, n_samples >= 1, sampler valid, the generator on
     the scores' device, noise None or [n_samples, rows, classes] (sampler "full"). Returns
     [rows] in the scores' dtype. The losses call this after their own checks, so that a batch
     is not scanned twice (and a GPU not synchronised twice) for non-finite values.
     """
     with torch.autocast(device_type=scores.device.type, enabled=False):
+        if sampler == "full" and epsilon > 0.0 and uses_triton(scores):
+            # One kernel draws, noises and selects (topk.fused_selection); it reads the scores
+            # in their own dtype.
+            value, _ = noised_kth_largest(
+                scores, k, epsilon, n_samples, generator=generator, noise=noise
+            )
+            return value.to(scores.dtype)
         work = scores.detach().to(working_dtype(scores.dtype))
         if sampler == "lazy" and epsilon > 0.0:
             from topk.lazy_sampling import sample_kth_largest_lazy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -38,17 +39,23 @@ def check_class_counts(name: str, counts: object) -> torch.Tensor:
     return t
 
 
-def check_scores_labels(
+CHECK_MODES = ("first", "always", "never")
+"""When a loss reads its inputs' values on the host (see InputChecks)."""
+
+
+def check_shapes(
     scores: torch.Tensor,
     labels: torch.Tensor,
     *,
     k: int | None = None,
     num_classes: int | None = None,
-) -> None:
-    """Check scores [batch, num_classes] and labels [batch] before any loss math.
+) -> torch.Tensor:
+    """The host-only checks of scores [batch, num_classes] and labels [batch]: types, shapes, k.
 
-    `k` (when given) requires k + 1 <= num_classes; `num_classes` (when given, e.g. the length of
-    class_counts) must match the scores. Non-finite scores are an error, not a silent NaN loss.
+    Reads no tensor value, so it never synchronises a GPU. `k` (when given) requires
+    k + 1 <= num_classes; `num_classes` (when given, e.g. the length of class_counts) must match
+    the scores. Returns the labels as int64 (any integer dtype is accepted; bool and floating
+    labels are refused).
     """
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise ValueError("scores must be a floating-point tensor of shape [batch, num_classes]")
@@ -60,6 +67,7 @@ def check_scores_labels(
     if (
         not isinstance(labels, torch.Tensor)
         or labels.dtype.is_floating_point
+        or labels.dtype.is_complex
         or labels.dtype == torch.bool
     ):
         raise ValueError("labels must be an integer tensor of shape [batch]")
@@ -67,10 +75,19 @@ def check_scores_labels(
         raise ValueError(
             f"labels must have shape [{batch}] to match scores, got {tuple(labels.shape)}"
         )
+    if labels.device != scores.device:
+        raise ValueError(f"labels are on {labels.device} but the scores are on {scores.device}")
     if num_classes is not None and classes != num_classes:
         raise ValueError(f"scores have {classes} classes but the loss was built for {num_classes}")
     if k is not None and k + 1 > classes:
         raise ValueError(f"k + 1 = {k + 1} exceeds the number of classes ({classes})")
+    return labels.long()
+
+
+def check_values(scores: torch.Tensor, labels: torch.Tensor) -> None:
+    """The value checks: labels in [0, num_classes) and finite scores. Reads values on the host
+    (one synchronisation on a GPU). Raises ValueError naming the bad label or the NaN/inf."""
+    classes = scores.shape[1]
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= classes:
         bad = lo if lo < 0 else hi
@@ -80,3 +97,126 @@ def check_scores_labels(
     # also be a harmless overflow of large finite scores) pays for the exact check.
     if not torch.isfinite(scores.detach().sum()) and not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinite values")
+
+
+def check_scores_labels(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    k: int | None = None,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """check_shapes then check_values: every check, eagerly. Returns the labels as int64.
+
+    Non-finite scores are an error, not a silent NaN loss.
+    """
+    labels = check_shapes(scores, labels, k=k, num_classes=num_classes)
+    check_values(scores, labels)
+    return labels
+
+
+def flag_bad_values(
+    scores: torch.Tensor, labels: torch.Tensor, *, scan_scores: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value checks on the device, without a host synchronisation.
+
+    Returns (labels clamped into [0, num_classes), a 0-d bool tensor: some label was out of range
+    or, with scan_scores, some score is NaN or infinite). The clamped labels make every later
+    gather or index safe: an out-of-range index on a GPU is a device-side assert that kills the
+    CUDA context, not an error anyone can catch.
+    """
+    classes = scores.shape[1]
+    bad = ((labels < 0) | (labels >= classes)).any()
+    if scan_scores:
+        # A float64 sum of finite float32/half scores cannot overflow, so it is non-finite
+        # exactly when some score is NaN or infinite (one read of the scores, one scalar out).
+        bad = bad | ~torch.isfinite(scores.detach().sum(dtype=torch.float64))
+    return labels.clamp(0, classes - 1), bad
+
+
+def poison(loss: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    """The loss, or NaN where `bad` (a 0-d bool tensor from the device checks) is set."""
+    if bad is None:
+        return loss
+    return torch.where(bad, torch.full_like(loss, float("nan")), loss)
+
+
+def host_reads_allowed(tensor: torch.Tensor) -> bool:
+    """False while torch.compile traces or a CUDA graph is being captured: reading a value on
+    the host then is a graph break or an error, so the checks stay on the device."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+class InputChecks:
+    """Whether a loss checks its inputs' values on the host (a clear ValueError at once) or on
+    the device (no synchronisation: a bad input turns the loss into NaN).
+
+    Shapes, dtypes and k are always checked on the host: that reads no value. For the values
+    (labels in range, finite scores) the mode says:
+    - "first" (the default): on a GPU, the first call of each loss object checks on the host,
+      later calls on the device; on a CPU, every call checks on the host (there is nothing to
+      synchronise);
+    - "always": every call checks on the host (one synchronisation per call on a GPU);
+    - "never": every call checks on the device, on a CPU too.
+    Under torch.compile or CUDA-graph capture the checks always stay on the device. A NaN loss
+    from a device check is what a training loop's finite-loss check catches; run the same batch
+    with mode "always" to get the ValueError that names the bad label or score.
+    """
+
+    def __init__(self, mode: str = "first") -> None:
+        if mode not in CHECK_MODES:
+            raise ValueError(f"check_inputs must be one of {', '.join(CHECK_MODES)}, got {mode!r}")
+        self.mode = mode
+        self._host_checked = False
+
+    def on_host(self, scores: torch.Tensor) -> bool:
+        """Whether this call checks the values on the host (and records that it did)."""
+        if self.mode == "never" or not host_reads_allowed(scores):
+            return False
+        if self.mode == "always" or scores.device.type == "cpu":
+            return True
+        if self._host_checked:
+            return False
+        self._host_checked = True
+        return True
+
+
+def checked_labels(
+    checks: InputChecks,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    k: int | None = None,
+    num_classes: int | None = None,
+    scan_scores: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every check a loss makes before its math, as `checks` says.
+
+    Returns (int64 labels safe to index with, None when the values were checked on the host,
+    else the device flag for `poison`). scan_scores=False leaves the non-finite scan to the
+    caller (a fused kernel that flags non-finite rows itself).
+    """
+    labels = check_shapes(scores, labels, k=k, num_classes=num_classes)
+    if checks.on_host(scores):
+        check_values(scores, labels)
+        return labels, None
+    return flag_bad_values(scores, labels, scan_scores=scan_scores)
+
+
+class CheckedLoss(nn.Module):
+    """A loss whose input checks follow `check_inputs` (topk.validation.InputChecks): "first"
+    (default), "always" or "never". Set it on the object: `loss.check_inputs = "always"`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._checks = InputChecks()
+
+    @property
+    def check_inputs(self) -> str:
+        return self._checks.mode
+
+    @check_inputs.setter
+    def check_inputs(self, mode: str) -> None:
+        self._checks = InputChecks(mode)

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from topk.validation import check_class_counts, check_positive_float, check_scores_labels
+from topk.validation import (
+    CheckedLoss,
+    check_class_counts,
+    check_positive_float,
+    checked_labels,
+    poison,
+)
 
 
 def _upcast(scores: torch.Tensor) -> torch.Tensor:
@@ -46,7 +51,7 @@ def log_class_prior(class_counts: torch.Tensor) -> torch.Tensor:
     return (floored / floored.sum()).log()
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(CheckedLoss):
     """Softmax cross-entropy, mean over the batch."""
 
     needs_cosine_head = False
@@ -58,11 +63,13 @@ class CrossEntropyLoss(nn.Module):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        check_scores_labels(scores, labels)
-        return F.cross_entropy(_upcast(scores), labels).to(scores.dtype)
+        # The scores are not scanned on the device: a NaN or +inf score already makes the
+        # cross-entropy non-finite (a -inf one is a class of probability 0).
+        labels, bad = checked_labels(self._checks, scores, labels, scan_scores=False)
+        return poison(F.cross_entropy(_upcast(scores), labels), bad).to(scores.dtype)
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(CheckedLoss):
     """Focal loss (Lin et al. 2017): mean of -(1 - p_y)^gamma * log p_y; gamma=0 is cross-entropy.
 
     Raises ValueError for a negative or non-finite gamma.
@@ -84,16 +91,16 @@ class FocalLoss(nn.Module):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        check_scores_labels(scores, labels)
+        labels, bad = checked_labels(self._checks, scores, labels)
         log_p_true = F.log_softmax(_upcast(scores), dim=1).gather(1, labels[:, None]).squeeze(1)
         # 1 - p_y through expm1 keeps precision when p_y is close to 1; the floor keeps the
         # gradient of x^gamma finite (it is inf at x = 0 for gamma < 1) where p_y rounds to 1.
         miss = (-torch.expm1(log_p_true)).clamp(min=torch.finfo(log_p_true.dtype).tiny)
         loss = -(miss**self.gamma) * log_p_true
-        return loss.mean().to(scores.dtype)
+        return poison(loss.mean(), bad).to(scores.dtype)
 
 
-class LDAMLoss(nn.Module):
+class LDAMLoss(CheckedLoss):
     """Label-distribution-aware margin loss (Cao et al. 2019) on cosine scores.
 
     scores: cosine similarities in [-1, 1] (a CosineHead); the true class's score is lowered by its
@@ -129,15 +136,15 @@ class LDAMLoss(nn.Module):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        check_scores_labels(scores, labels, num_classes=self.num_classes)
+        labels, bad = checked_labels(self._checks, scores, labels, num_classes=self.num_classes)
         scores32 = _upcast(scores)
         margins = self.margins.to(scores.device, scores32.dtype)[labels]
         # Lower only the true class's score: a scatter, not a [B, C] one-hot mask.
         shifted = scores32.scatter_add(1, labels[:, None], -margins[:, None])
-        return F.cross_entropy(self.scale * shifted, labels).to(scores.dtype)
+        return poison(F.cross_entropy(self.scale * shifted, labels), bad).to(scores.dtype)
 
 
-class LogitAdjustedLoss(nn.Module):
+class LogitAdjustedLoss(CheckedLoss):
     """Logit-adjusted softmax cross-entropy (Menon et al. 2021): CE on scores + tau * log(prior).
 
     prior: the training class frequencies from class_counts (required, length num_classes); a
@@ -164,7 +171,7 @@ class LogitAdjustedLoss(nn.Module):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        check_scores_labels(scores, labels, num_classes=self.num_classes)
+        labels, bad = checked_labels(self._checks, scores, labels, num_classes=self.num_classes)
         upcast = _upcast(scores)
         adjusted = upcast + self.tau * self.log_prior.to(scores.device, upcast.dtype)
-        return F.cross_entropy(adjusted, labels).to(scores.dtype)
+        return poison(F.cross_entropy(adjusted, labels), bad).to(scores.dtype)

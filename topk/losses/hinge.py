@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from topk.fused_selection import noised_hinge_rows, uses_triton
 from topk.smoothing import (
     check_generator,
     check_sampler,
@@ -21,16 +22,75 @@ from topk.smoothing import (
     working_dtype,
 )
 from topk.validation import (
+    CheckedLoss,
     check_class_counts,
     check_positive_float,
     check_positive_int,
-    check_scores_labels,
+    check_shapes,
+    check_values,
+    checked_labels,
+    flag_bad_values,
+    poison,
 )
 
 
 def _label_scores(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """s_y: [batch] from scores [batch, classes] and labels [batch]."""
-    return scores.gather(1, labels.long().unsqueeze(1)).squeeze(1)
+    """s_y: [batch] from scores [batch, classes] and int64 labels [batch] in range."""
+    return scores.gather(1, labels.unsqueeze(1)).squeeze(1)
+
+
+def _noised_hinge_mean(
+    loss: nn.Module,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    margins: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """mean over the batch of (m + top_{k+1,eps}(s) - s_y)_+ in the working dtype, m = 1 or the
+    per-class margins; checked as loss.check_inputs says, NaN for bad values checked on the
+    device."""
+    labels = check_shapes(scores, labels, k=loss.k, num_classes=margins_classes(margins))
+    check_generator(generator, scores.device)
+    on_host = loss._checks.on_host(scores)
+    if on_host:
+        check_values(scores, labels)
+    if loss.sampler == "full" and uses_triton(scores):
+        # The kernel reads the scores in their own dtype, the label scores in the same pass, and
+        # flags non-finite rows and labels out of range itself.
+        if margins is None:
+            margin: torch.Tensor | float = 1.0
+        else:
+            safe = labels.clamp(0, scores.shape[1] - 1)
+            margin = margins.to(device=scores.device, dtype=torch.float32)[safe]
+        hinge, bad = noised_hinge_rows(
+            scores,
+            labels.contiguous(),
+            margin,
+            loss.k + 1,
+            loss.epsilon,
+            loss.n_samples,
+            generator=generator,
+        )
+        return poison(hinge.mean(), None if on_host else bad)
+    bad = None
+    if not on_host:
+        labels, bad = flag_bad_values(scores, labels)
+    work = scores.to(working_dtype(scores.dtype))
+    kth = smoothed_kth_largest_rows(
+        work,
+        loss.k + 1,
+        epsilon=loss.epsilon,
+        n_samples=loss.n_samples,
+        generator=generator,
+        sampler=loss.sampler,
+    )
+    margin = 1.0 if margins is None else margins.to(device=work.device, dtype=work.dtype)[labels]
+    hinge = (margin + kth - _label_scores(work, labels)).clamp_min(0.0)
+    return poison(hinge.mean(), bad)
+
+
+def margins_classes(margins: torch.Tensor | None) -> int | None:
+    return None if margins is None else margins.numel()
 
 
 def ldam_margins(class_counts: torch.Tensor, max_m: float) -> torch.Tensor:
@@ -46,7 +106,7 @@ def ldam_margins(class_counts: torch.Tensor, max_m: float) -> torch.Tensor:
     return margins
 
 
-class TopKHingeLoss(nn.Module):
+class TopKHingeLoss(CheckedLoss):
     """The hard top-K calibrated hinge: mean over the batch of (1 + top_{k+1}(s) - s_y)_+.
 
     forward(scores [batch, classes], labels [batch] int) -> scalar in the scores' dtype.
@@ -70,14 +130,14 @@ class TopKHingeLoss(nn.Module):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        check_scores_labels(scores, labels, k=self.k)
+        labels, bad = checked_labels(self._checks, scores, labels, k=self.k)
         work = scores.to(working_dtype(scores.dtype))
         kth = torch.topk(work, self.k + 1, dim=1).values[:, self.k]
         hinge = (1.0 + kth - _label_scores(work, labels)).clamp_min(0.0)
-        return hinge.mean().to(scores.dtype)
+        return poison(hinge.mean(), bad).to(scores.dtype)
 
 
-class NoisedTopKLoss(nn.Module):
+class NoisedTopKLoss(CheckedLoss):
     """The balanced smoothed top-K hinge: mean over the batch of (1 + top_{k+1,eps}(s) - s_y)_+.
 
     top_{k+1,eps} is the Monte-Carlo smoothed (k+1)-th largest score over `n_samples` Gaussian
@@ -117,22 +177,10 @@ class NoisedTopKLoss(nn.Module):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        check_scores_labels(scores, labels, k=self.k)
-        work = scores.to(working_dtype(scores.dtype))
-        check_generator(generator, scores.device)
-        kth = smoothed_kth_largest_rows(
-            work,
-            self.k + 1,
-            epsilon=self.epsilon,
-            n_samples=self.n_samples,
-            generator=generator,
-            sampler=self.sampler,
-        )
-        hinge = (1.0 + kth - _label_scores(work, labels)).clamp_min(0.0)
-        return hinge.mean().to(scores.dtype)
+        return _noised_hinge_mean(self, scores, labels, None, generator).to(scores.dtype)
 
 
-class NoisedTopKImbalancedLoss(nn.Module):
+class NoisedTopKImbalancedLoss(CheckedLoss):
     """The imbalanced smoothed top-K hinge on cosine scores:
     mean over the batch of scale * (m_y + top_{k+1,eps}(s) - s_y)_+.
 
@@ -189,17 +237,5 @@ class NoisedTopKImbalancedLoss(nn.Module):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        check_scores_labels(scores, labels, k=self.k, num_classes=self.num_classes)
-        work = scores.to(working_dtype(scores.dtype))
-        check_generator(generator, scores.device)
-        kth = smoothed_kth_largest_rows(
-            work,
-            self.k + 1,
-            epsilon=self.epsilon,
-            n_samples=self.n_samples,
-            generator=generator,
-            sampler=self.sampler,
-        )
-        margin = self.margins.to(device=work.device, dtype=work.dtype)[labels.long()]
-        hinge = (margin + kth - _label_scores(work, labels)).clamp_min(0.0)
-        return (self.scale * hinge).mean().to(scores.dtype)
+        hinge = _noised_hinge_mean(self, scores, labels, self.margins, generator)
+        return (self.scale * hinge).to(scores.dtype)

@@ -21,10 +21,15 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from topk.validation import check_positive_float, check_positive_int, check_scores_labels
+from topk.validation import (
+    CheckedLoss,
+    check_positive_float,
+    check_positive_int,
+    checked_labels,
+    poison,
+)
 
 # log(0) kept finite: a logsumexp over entries that are all -inf has a NaN gradient, one over
 # entries of -1e30 has a zero one. Sums of up to a few hundred of these stay far from float32's
@@ -167,7 +172,7 @@ def smooth_topk_svm(
     return tau * torch.logaddexp(margin, torch.zeros_like(margin))
 
 
-class SmoothTopKSVMLoss(nn.Module):
+class SmoothTopKSVMLoss(CheckedLoss):
     """Smooth top-k SVM (Berrada et al. 2018), mean over the batch; the module docstring has the
     formula. tau > 0 is the smoothing temperature, alpha > 0 the margin; k + 1 <= num_classes.
 
@@ -194,9 +199,9 @@ class SmoothTopKSVMLoss(nn.Module):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        check_scores_labels(scores, labels, k=self.k)
+        labels, bad = checked_labels(self._checks, scores, labels, k=self.k)
         compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
         per_row = smooth_topk_svm(
             scores.to(compute_dtype), labels, k=self.k, tau=self.tau, alpha=self.alpha
         )
-        return per_row.mean().to(scores.dtype)
+        return poison(per_row.mean(), bad).to(scores.dtype)
