@@ -60,10 +60,19 @@ def uses_triton(scores: torch.Tensor) -> bool:
     return scores.device.type == "cuda" and triton_importable()
 
 
-@functools.cache
-def _kernels():  # noqa: C901 - the two kernels live together; built on first use
-    """Compile (or, under TRITON_INTERPRET=1, wrap) the kernels; importing this module does not
-    import triton."""
+_KERNELS: tuple | None = None
+
+
+def _kernels() -> tuple:
+    """The two kernels, defined on first use: importing this module does not import triton.
+    A plain global rather than functools.cache, which torch.compile would not trace through."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _define_kernels()
+    return _KERNELS
+
+
+def _define_kernels():  # noqa: C901 - the two kernels live together
     import triton
     import triton.language as tl
 

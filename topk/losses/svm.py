@@ -23,6 +23,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from topk.fused_polynomial import MAX_DEGREE, log_polynomial_product
+from topk.fused_selection import uses_triton
 from topk.validation import (
     CheckedLoss,
     check_positive_float,
@@ -90,8 +92,10 @@ def log_elementary_symmetric(x: torch.Tensor, k: int) -> torch.Tensor:
     than j classes are present the result is about -1e30 (log 0), never -inf or NaN.
     """
     rows, num_classes = x.shape
-    # Absent classes as padding make the early, widest levels even without per-level copies.
-    padded_classes = -(-num_classes // 16) * 16
+    fused = _uses_fused_tree(x, k)
+    # Absent classes as padding make the early, widest levels even without per-level copies
+    # (the fused tree pairs an odd last polynomial with 1 itself: only C needs to be even).
+    padded_classes = -(-num_classes // (2 if fused else 16)) * (2 if fused else 16)
     if padded_classes != num_classes:
         x = torch.cat([x, x.new_full((rows, padded_classes - num_classes), _LOG_ZERO)], dim=1)
     # First level in closed form: (1 + a t)(1 + b t) = 1 + (a + b) t + a b t^2.
@@ -99,6 +103,12 @@ def log_elementary_symmetric(x: torch.Tensor, k: int) -> torch.Tensor:
     poly = torch.stack([torch.zeros_like(a), torch.logaddexp(a, b), a + b], dim=-1)
     if k == 1:
         poly = poly[..., :2]
+    if fused:
+        log_esp = log_polynomial_product(poly, k)
+        if log_esp.shape[1] < k + 1:
+            missing = log_esp.new_full((rows, k + 1 - log_esp.shape[1]), _LOG_ZERO)
+            log_esp = torch.cat([log_esp, missing], dim=1)
+        return log_esp
     while poly.shape[1] > 1:
         degree = poly.shape[-1] - 1
         if poly.shape[1] % 2:  # odd count: pad with the unit polynomial 1
@@ -111,6 +121,11 @@ def log_elementary_symmetric(x: torch.Tensor, k: int) -> torch.Tensor:
         missing = log_esp.new_full((rows, k + 1 - log_esp.shape[1]), _LOG_ZERO)
         log_esp = torch.cat([log_esp, missing], dim=1)
     return log_esp
+
+
+def _uses_fused_tree(x: torch.Tensor, k: int) -> bool:
+    """The Triton product tree (topk.fused_polynomial) for float32 on a GPU, k <= 16."""
+    return x.dtype == torch.float32 and k <= MAX_DEGREE and uses_triton(x)
 
 
 def _log_esp_ratio(x_others: torch.Tensor, k: int) -> torch.Tensor:
@@ -142,7 +157,9 @@ def smooth_topk_svm(
     x_others = x.scatter(1, labels[:, None], _LOG_ZERO)
 
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // _elements_per_row(num_classes, k))
-    if rows_per_chunk >= batch:
+    # The fused tree keeps only the level inputs (about 4 C floats per row), no [k + 1, k + 1]
+    # term temporaries: no chunks, no recomputation.
+    if rows_per_chunk >= batch or _uses_fused_tree(x_others, k):
         ratio = _log_esp_ratio(x_others, k)
     else:
         recompute = torch.is_grad_enabled() and x_others.requires_grad
