@@ -67,8 +67,8 @@ def _define_kernels():  # noqa: C901 - forward and backward live together
         rhs_mask = v3 & term & has_right[:, None, None]
         rhs = tl.load(poly_ptr + left[:, None, None] + DEGREE + 1 + b, mask=rhs_mask, other=0.0)
         # No right neighbour: the unit polynomial, log-coefficients (0, log 0, log 0, ...).
-        rhs = tl.where(has_right[:, None, None], rhs, tl.where(b == 0, 0.0, _LOG_ZERO))
-        terms = tl.where(term, lhs + rhs, _NO_TERM)
+        rhs = tl.where(has_right[:, None, None], rhs, tl.where(b == 0, 0.0, -1e30))
+        terms = tl.where(term, lhs + rhs, -3.0e38)
         top = tl.max(terms, axis=2)
         out = top + tl.log(tl.sum(tl.exp(terms - top[:, :, None]), axis=2))
         jj = tl.arange(0, NEW_DEGREE_PAD)[None, :]
@@ -110,14 +110,14 @@ def _define_kernels():  # noqa: C901 - forward and backward live together
         # d out_j / d left_i = exp(left_i + right_{j-i} - out_j); the same with roles swapped.
         lhs_i = tl.load(poly_ptr + left[:, None, None] + i, mask=v3 & (i <= DEGREE), other=0.0)
         rhs_o = tl.load(poly_ptr + right[:, None, None] + other, mask=term & hr3, other=0.0)
-        rhs_o = tl.where(hr3, rhs_o, tl.where(other == 0, 0.0, _LOG_ZERO))
-        weight = tl.exp(tl.where(term, lhs_i + rhs_o - out, _NO_TERM)) * grad_out
+        rhs_o = tl.where(hr3, rhs_o, tl.where(other == 0, 0.0, -1e30))
+        weight = tl.exp(tl.where(term, lhs_i + rhs_o - out, -3.0e38)) * grad_out
         grad_left = tl.sum(weight, axis=1)
         lhs_o = tl.load(poly_ptr + left[:, None, None] + other, mask=term, other=0.0)
         rhs_i = tl.load(
             poly_ptr + right[:, None, None] + i, mask=v3 & hr3 & (i <= DEGREE), other=0.0
         )
-        weight = tl.exp(tl.where(term & hr3, lhs_o + rhs_i - out, _NO_TERM)) * grad_out
+        weight = tl.exp(tl.where(term & hr3, lhs_o + rhs_i - out, -3.0e38)) * grad_out
         grad_right = tl.sum(weight, axis=1)
         ii = tl.arange(0, DEGREE_PAD)[None, :]
         in_range = valid[:, None] & (ii <= DEGREE)

@@ -35,6 +35,7 @@ BACKENDS = ("auto", "triton", "torch")
 
 DRAWS_PER_PROGRAM = 4  # one Philox call gives four normals: one per draw of a program
 _MAX_BLOCK = 1024  # classes per block of a forward program
+_FWD_WARPS = 8  # warps of a forward program with a full block
 _BWD_BLOCK = 1024
 _BWD_MAX_DRAWS = 64  # above this the backward counts with PyTorch (index_put_, exact too)
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -267,7 +268,7 @@ def select_noised(
         BLOCK=block,
         HAS_NOISE=noise is not scores,
         HAS_LABELS=labels is not None,
-        num_warps=8 if block >= 1024 else 4,
+        num_warps=_FWD_WARPS if block >= 1024 else 4,
     )
     return values, indices, label_scores, bad.bool()
 
