@@ -24,7 +24,6 @@ which needs TRITON_INTERPRET=1 set before the first call; for tests) or "torch".
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -34,16 +33,19 @@ BACKEND = "auto"
 BACKENDS = ("auto", "triton", "torch")
 
 DRAWS_PER_PROGRAM = 4  # one Philox call gives four normals: one per draw of a program
-_MAX_BLOCK = 1024  # classes per block of a forward program
-_FWD_WARPS = 8  # warps of a forward program with a full block
+_MAX_BLOCK = 512  # classes per block of a forward program (best of 256..2048 on an H200)
+_FWD_WARPS = 4  # warps of a forward program with a full block
 _BWD_BLOCK = 1024
 _BWD_MAX_DRAWS = 64  # above this the backward counts with PyTorch (index_put_, exact too)
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.cache
+# Looked up once, without importing triton; a plain constant is what torch.compile can trace.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def uses_triton(scores: torch.Tensor) -> bool:
@@ -87,6 +89,11 @@ def _define_kernels():  # noqa: C901 - the two kernels live together
         indices_ptr,
         label_scores_ptr,
         bad_ptr,
+        margins_ptr,
+        arrivals_ptr,
+        hinge_ptr,
+        margin,
+        scale,
         classes,
         row_stride,
         noise_draw_stride,
@@ -98,6 +105,9 @@ def _define_kernels():  # noqa: C901 - the two kernels live together
         BLOCK: tl.constexpr,
         HAS_NOISE: tl.constexpr,
         HAS_LABELS: tl.constexpr,
+        HINGE: tl.constexpr,  # finish the hinge of the row: needs HAS_LABELS
+        HAS_MARGINS: tl.constexpr,  # per-class margins (else the scalar `margin`)
+        DRAWS_PAD: tl.constexpr,
     ):
         row = tl.program_id(0)
         group = tl.program_id(1)
@@ -156,7 +166,33 @@ def _define_kernels():  # noqa: C901 - the two kernels live together
         out = row.to(tl.int64) * n_draws + draw
         tl.store(values_ptr + out, floor, mask=live)
         tl.store(indices_ptr + out, chosen_index.to(tl.int64), mask=live)
-        if group == 0:  # every program read the whole row; one of them writes the row's flags
+        if HINGE:
+            # The last of the row's programs to arrive finishes the row: the mean over draws
+            # (read back in draw order, so the sum is the same on every run), the label score,
+            # the margin and the hinge. acq_rel orders every program's stores before its arrival.
+            arrived = tl.atomic_add(arrivals_ptr + row, 1, sem="acq_rel")
+            if arrived == tl.num_programs(1) - 1:
+                d = tl.arange(0, DRAWS_PAD)
+                row_values = tl.load(
+                    values_ptr + row.to(tl.int64) * n_draws + d,
+                    mask=d < n_draws,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                mean = tl.sum(row_values, axis=0) / n_draws
+                label = tl.load(labels_ptr + row).to(tl.int64)
+                label_ok = (label >= 0) & (label < classes)
+                safe = tl.where(label_ok, label, 0)
+                label_score = tl.load(scores_ptr + row_start + safe).to(tl.float32)
+                if HAS_MARGINS:  # noqa: SIM108 - a compile-time branch in Triton
+                    row_margin = tl.load(margins_ptr + safe)
+                else:
+                    row_margin = margin
+                hinge = scale * tl.maximum(row_margin + mean - label_score, 0.0)
+                tl.store(hinge_ptr + row, hinge)
+                bad = tl.max(nonfinite, axis=0) | (~label_ok).to(tl.int32)
+                tl.store(bad_ptr + row, bad.to(tl.int8))
+        elif group == 0:  # every program read the whole row; one of them writes the row's flags
             bad = tl.max(nonfinite, axis=0)
             if HAS_LABELS:
                 label = tl.load(labels_ptr + row).to(tl.int64)
@@ -171,24 +207,32 @@ def _define_kernels():  # noqa: C901 - the two kernels live together
         grad_ptr,
         indices_ptr,
         labels_ptr,
-        draw_weight_ptr,
-        label_weight_ptr,
+        row_grad_ptr,  # the gradient of each row's value (its hinge, or its k-th largest)
+        hinge_ptr,
+        scale,
         classes,
         grad_row_stride,
         n_draws,
         DRAWS_PAD: tl.constexpr,
         BLOCK: tl.constexpr,
-        HAS_LABELS: tl.constexpr,
+        HINGE: tl.constexpr,
     ):
+        # grad[r, c] = w_r * (count_r(c) / n - [c == y_r]) for the hinge, with w_r the row's
+        # gradient times scale where the hinge is active (else 0); g_r * count_r(c) / n for the
+        # k-th largest. count_r(c), the draws of row r that selected class c, is exact.
         row = tl.program_id(0)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         d = tl.arange(0, DRAWS_PAD)
         chosen = tl.load(indices_ptr + row.to(tl.int64) * n_draws + d, mask=d < n_draws, other=-1)
         count = tl.sum((chosen[:, None] == c[None, :]).to(tl.int32), axis=0)
-        grad = count.to(tl.float32) * tl.load(draw_weight_ptr + row)
-        if HAS_LABELS:
+        weight = tl.load(row_grad_ptr + row).to(tl.float32)
+        if HINGE:
+            active = tl.load(hinge_ptr + row) > 0.0
+            weight = tl.where(active, weight * scale, 0.0)
+        grad = count.to(tl.float32) * (weight / n_draws)
+        if HINGE:
             label = tl.load(labels_ptr + row).to(tl.int64)
-            grad = grad - tl.where(c == label, tl.load(label_weight_ptr + row), 0.0)
+            grad = grad - tl.where(c == label, weight, 0.0)
         target = grad_ptr + row.to(tl.int64) * grad_row_stride + c
         tl.store(target, grad.to(grad_ptr.dtype.element_ty), mask=c < classes)
 
@@ -206,6 +250,80 @@ def draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.
     records the draw with the rest (the default CUDA generator is graph-safe).
     """
     return torch.randint(0, 1 << 62, (1,), device=device, dtype=torch.int64, generator=generator)
+
+
+def _launch_forward(
+    scores: torch.Tensor,
+    rank: int,
+    epsilon: float,
+    n_draws: int,
+    seed: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    hinge: tuple[torch.Tensor | None, float, float] | None,
+) -> tuple[torch.Tensor, ...]:
+    """Run the forward kernel; hinge = (per-class margins or None, scalar margin, scale) makes
+    the row's last program finish the hinge. Returns (values, indices, label_scores, bad,
+    hinge_rows)."""
+    select_forward, _ = _kernels()
+    rows, classes = scores.shape
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
+    device = scores.device
+    values = torch.empty(rows, n_draws, dtype=torch.float32, device=device)
+    indices = torch.empty(rows, n_draws, dtype=torch.int64, device=device)
+    label_scores = torch.empty(
+        rows if labels is not None else 0, dtype=torch.float32, device=device
+    )
+    bad = torch.empty(rows, dtype=torch.int8, device=device)
+    if hinge is not None:
+        margins, margin, scale = hinge
+        arrivals = torch.zeros(rows, dtype=torch.int32, device=device)
+        hinge_rows = torch.empty(rows, dtype=torch.float32, device=device)
+    else:
+        margins, margin, scale = None, 0.0, 1.0
+        arrivals = hinge_rows = bad  # unread
+    if noise is not None:
+        if noise.stride(2) != 1:
+            noise = noise.contiguous()
+        noise_strides = (noise.stride(0), noise.stride(1))
+        seed = indices  # unread
+    else:
+        assert seed is not None
+        noise, noise_strides = scores, (0, 0)  # unread
+    block = min(_MAX_BLOCK, _next_power_of_two(classes))
+    grid = (rows, -(-n_draws // DRAWS_PER_PROGRAM))
+    select_forward[grid](
+        scores,
+        labels if labels is not None else indices,
+        noise,
+        seed,
+        values,
+        indices,
+        label_scores,
+        bad,
+        margins if margins is not None else values,
+        arrivals,
+        hinge_rows,
+        float(margin),
+        float(scale),
+        classes,
+        scores.stride(0),
+        noise_strides[0],
+        noise_strides[1],
+        n_draws,
+        float(epsilon),
+        RANK=rank,
+        RANK_PAD=_next_power_of_two(rank),
+        BLOCK=block,
+        HAS_NOISE=noise is not scores,
+        HAS_LABELS=labels is not None,
+        HINGE=hinge is not None,
+        HAS_MARGINS=margins is not None,
+        DRAWS_PAD=max(2, _next_power_of_two(n_draws)),
+        num_warps=_FWD_WARPS,
+    )
+    return values, indices, label_scores, bad, hinge_rows
 
 
 def select_noised(
@@ -227,96 +345,79 @@ def select_noised(
     float32 (empty without labels), bad [rows] bool: a non-finite score, or a label out of
     range). Checks no value; the caller has checked shapes and arguments.
     """
-    select_forward, _ = _kernels()
-    rows, classes = scores.shape
-    if scores.stride(1) != 1:
-        scores = scores.contiguous()
-    device = scores.device
-    values = torch.empty(rows, n_draws, dtype=torch.float32, device=device)
-    indices = torch.empty(rows, n_draws, dtype=torch.int64, device=device)
-    label_scores = torch.empty(
-        rows if labels is not None else 0, dtype=torch.float32, device=device
-    )
-    bad = torch.empty(rows, dtype=torch.int8, device=device)
-    if noise is not None:
-        if noise.stride(2) != 1:
-            noise = noise.contiguous()
-        noise_strides = (noise.stride(0), noise.stride(1))
-        seed = torch.zeros(1, dtype=torch.int64, device=device)  # unread
-    else:
-        assert seed is not None
-        noise, noise_strides = scores, (0, 0)  # unread
-    block = min(_MAX_BLOCK, _next_power_of_two(classes))
-    grid = (rows, -(-n_draws // DRAWS_PER_PROGRAM))
-    select_forward[grid](
-        scores,
-        labels if labels is not None else indices,
-        noise,
-        seed,
-        values,
-        indices,
-        label_scores,
-        bad,
-        classes,
-        scores.stride(0),
-        noise_strides[0],
-        noise_strides[1],
-        n_draws,
-        float(epsilon),
-        RANK=rank,
-        RANK_PAD=_next_power_of_two(rank),
-        BLOCK=block,
-        HAS_NOISE=noise is not scores,
-        HAS_LABELS=labels is not None,
-        num_warps=_FWD_WARPS if block >= 1024 else 4,
+    values, indices, label_scores, bad, _ = _launch_forward(
+        scores, rank, epsilon, n_draws, seed, noise, labels, None
     )
     return values, indices, label_scores, bad.bool()
 
 
-def selection_gradient(
+def _launch_backward(
     shape: torch.Size,
     dtype: torch.dtype,
     indices: torch.Tensor,
-    draw_weight: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    label_weight: torch.Tensor | None = None,
+    row_grad: torch.Tensor,
+    hinge: tuple[torch.Tensor, torch.Tensor, float] | None,
 ) -> torch.Tensor:
-    """grad[r, c] = count_r(c) * draw_weight[r] - label_weight[r] * [c == labels[r]].
-
-    count_r(c): how many of row r's draws selected class c (exact). indices [rows, n] int64,
-    draw_weight and label_weight [rows] float32. Writes every entry once; returns [rows, classes]
-    in `dtype`. Many draws (more than 64) count with PyTorch instead, exactly as well.
-    """
     rows, classes = shape
     n_draws = indices.shape[1]
-    if n_draws > _BWD_MAX_DRAWS:
+    if n_draws > _BWD_MAX_DRAWS:  # PyTorch counts instead, exactly as well
+        weight = row_grad.float()
+        if hinge is not None:
+            labels, hinge_rows, scale = hinge
+            weight = torch.where(hinge_rows > 0, weight * scale, 0.0)
         counts = torch.zeros(rows, classes, dtype=torch.float32, device=indices.device)
         row_ids = torch.arange(rows, device=indices.device)[:, None].expand_as(indices)
-        ones = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
+        ones = torch.ones((), dtype=torch.float32, device=indices.device).expand_as(indices)
         counts.index_put_((row_ids, indices), ones, accumulate=True)  # exact below 2**24
-        grad = counts.mul_(draw_weight[:, None])
-        if labels is not None:
-            grad.scatter_add_(1, labels[:, None], -label_weight[:, None])
+        grad = counts.mul_((weight / n_draws)[:, None])
+        if hinge is not None:
+            inside = (labels >= 0) & (labels < classes)
+            grad.scatter_add_(1, labels.clamp(0, classes - 1)[:, None], -(weight * inside)[:, None])
         return grad.to(dtype)
     _, select_backward = _kernels()
     grad = torch.empty(rows, classes, dtype=dtype, device=indices.device)
     block = min(_BWD_BLOCK, _next_power_of_two(classes))
-    grid = (rows, -(-classes // block))
-    select_backward[grid](
+    labels, hinge_rows, scale = hinge if hinge is not None else (indices, indices, 1.0)
+    select_backward[(rows, -(-classes // block))](
         grad,
         indices,
-        labels if labels is not None else indices,
-        draw_weight,
-        label_weight if label_weight is not None else draw_weight,
+        labels,
+        row_grad.contiguous(),
+        hinge_rows,
+        float(scale),
         classes,
         grad.stride(0),
         n_draws,
         DRAWS_PAD=max(2, _next_power_of_two(n_draws)),
         BLOCK=block,
-        HAS_LABELS=labels is not None,
+        HINGE=hinge is not None,
         num_warps=4,
     )
     return grad
+
+
+def selection_gradient(
+    shape: torch.Size, dtype: torch.dtype, indices: torch.Tensor, row_grad: torch.Tensor
+) -> torch.Tensor:
+    """grad[r, c] = row_grad[r] * count_r(c) / n: the gradient of the mean over draws of the
+    selected values. count_r(c): how many of row r's n draws selected class c (exact).
+    indices [rows, n] int64, row_grad [rows]. Writes every entry once; [rows, classes] in dtype.
+    """
+    return _launch_backward(shape, dtype, indices, row_grad, None)
+
+
+def hinge_gradient(
+    shape: torch.Size,
+    dtype: torch.dtype,
+    indices: torch.Tensor,
+    labels: torch.Tensor,
+    hinge_rows: torch.Tensor,
+    row_grad: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """grad[r, c] = w_r * (count_r(c) / n - [c == labels[r]]), w_r = scale * row_grad[r] where
+    hinge_rows[r] > 0, else 0: the gradient of scale * (m + mean selected value - s_y)_+."""
+    return _launch_backward(shape, dtype, indices, row_grad, (labels, hinge_rows, scale))
 
 
 class _NoisedKth(torch.autograd.Function):
@@ -337,8 +438,7 @@ class _NoisedKth(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_value, _grad_bad):  # type: ignore[override]
         (indices,) = ctx.saved_tensors
-        weight = grad_value.float() / indices.shape[1]
-        grad = selection_gradient(ctx.shape, ctx.dtype, indices, weight.contiguous())
+        grad = selection_gradient(ctx.shape, ctx.dtype, indices, grad_value)
         return grad, None, None, None, None, None
 
 
@@ -361,29 +461,33 @@ def noised_kth_largest(
 
 
 class _NoisedHinge(torch.autograd.Function):
-    """Forward: per row (margin + mean_draws top_{rank,eps}(s) - s_y)_+ in float32, and the
-    rows' flags (non-finite score or label out of range). Backward: one kernel writes
-    g * (counts / n - onehot(y)) on the rows where the hinge is active."""
+    """Forward: per row scale * (m_y + mean_draws top_{rank,eps}(s) - s_y)_+ in float32, all in
+    the kernel, and the rows' flags (non-finite score or label out of range). Backward: one
+    kernel writes w * (counts / n - onehot(y)) on the rows where the hinge is active."""
 
     @staticmethod
-    def forward(ctx, scores, labels, margin, rank, epsilon, n_draws, seed, noise):  # type: ignore[override]
-        values, indices, label_scores, bad = select_noised(
-            scores.detach(), rank, epsilon, n_draws, seed=seed, noise=noise, labels=labels
+    def forward(ctx, scores, labels, margins, margin, scale, rank, epsilon, n_draws, seed, noise):  # type: ignore[override]
+        _, indices, _, bad, hinge = _launch_forward(
+            scores.detach(),
+            rank,
+            epsilon,
+            n_draws,
+            seed,
+            noise,
+            labels,
+            (margins, margin, scale),
         )
-        hinge = (margin + values.mean(dim=1) - label_scores).clamp_min(0.0)
-        ctx.save_for_backward(indices, labels, hinge > 0)
-        ctx.shape, ctx.dtype = scores.shape, scores.dtype
+        ctx.save_for_backward(indices, labels, hinge)
+        ctx.shape, ctx.dtype, ctx.scale = scores.shape, scores.dtype, scale
         ctx.mark_non_differentiable(bad)
         return hinge, bad
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_hinge, _grad_bad):  # type: ignore[override]
-        indices, labels, active = ctx.saved_tensors
-        label_weight = torch.where(active, grad_hinge.float(), 0.0).contiguous()
-        draw_weight = label_weight / indices.shape[1]
-        grad = selection_gradient(ctx.shape, ctx.dtype, indices, draw_weight, labels, label_weight)
-        return grad, None, None, None, None, None, None, None
+        indices, labels, hinge = ctx.saved_tensors
+        grad = hinge_gradient(ctx.shape, ctx.dtype, indices, labels, hinge, grad_hinge, ctx.scale)
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def noised_hinge_rows(
@@ -394,17 +498,23 @@ def noised_hinge_rows(
     epsilon: float,
     n_draws: int,
     *,
+    scale: float = 1.0,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row noised hinge (margin + top_{rank,eps}(s) - s_y)_+ through the kernels.
+    """Per-row noised hinge scale * (m + top_{rank,eps}(s) - s_y)_+ through the kernels.
 
     scores [rows, classes] float32/half (shapes checked by the caller); labels [rows] integers,
-    any value (out of range is flagged, never read); margin a float or [rows] float32. Returns
-    (hinge [rows] float32, bad [] bool: some row had a non-finite score or a bad label).
+    any value (out of range is flagged, never read); margin: a float, or per-class margins
+    [classes] float32 (row r uses margin[labels[r]]). Returns (hinge [rows] float32, bad []
+    bool: some row had a non-finite score or a label out of range).
     """
     seed = None if noise is not None else draw_seed(scores.device, generator)
+    if isinstance(margin, torch.Tensor):
+        margins, margin = margin.to(device=scores.device, dtype=torch.float32).contiguous(), 0.0
+    else:
+        margins = None
     hinge, bad_rows = _NoisedHinge.apply(
-        scores, labels, margin, rank, epsilon, n_draws, seed, noise
+        scores, labels, margins, margin, scale, rank, epsilon, n_draws, seed, noise
     )
     return hinge, bad_rows.any()

@@ -126,19 +126,20 @@ def flag_bad_values(
     CUDA context, not an error anyone can catch.
     """
     classes = scores.shape[1]
-    bad = ((labels < 0) | (labels >= classes)).any()
+    safe = labels.clamp(0, classes - 1)
+    bad = (safe != labels).any()
     if scan_scores:
         # A float64 sum of finite float32/half scores cannot overflow, so it is non-finite
         # exactly when some score is NaN or infinite (one read of the scores, one scalar out).
         bad = bad | ~torch.isfinite(scores.detach().sum(dtype=torch.float64))
-    return labels.clamp(0, classes - 1), bad
+    return safe, bad
 
 
 def poison(loss: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
     """The loss, or NaN where `bad` (a 0-d bool tensor from the device checks) is set."""
     if bad is None:
         return loss
-    return torch.where(bad, torch.full_like(loss, float("nan")), loss)
+    return loss.masked_fill(bad, float("nan"))
 
 
 def host_reads_allowed(tensor: torch.Tensor) -> bool:

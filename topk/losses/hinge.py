@@ -44,31 +44,29 @@ def _noised_hinge_mean(
     scores: torch.Tensor,
     labels: torch.Tensor,
     margins: torch.Tensor | None,
+    scale: float,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """mean over the batch of (m + top_{k+1,eps}(s) - s_y)_+ in the working dtype, m = 1 or the
-    per-class margins; checked as loss.check_inputs says, NaN for bad values checked on the
-    device."""
+    """mean over the batch of scale * (m_y + top_{k+1,eps}(s) - s_y)_+ in the working dtype,
+    m_y = 1 or the per-class margins; checked as loss.check_inputs says, NaN for bad values
+    checked on the device."""
     labels = check_shapes(scores, labels, k=loss.k, num_classes=margins_classes(margins))
     check_generator(generator, scores.device)
     on_host = loss._checks.on_host(scores)
     if on_host:
         check_values(scores, labels)
     if loss.sampler == "full" and uses_triton(scores):
-        # The kernel reads the scores in their own dtype, the label scores in the same pass, and
-        # flags non-finite rows and labels out of range itself.
-        if margins is None:
-            margin: torch.Tensor | float = 1.0
-        else:
-            safe = labels.clamp(0, scores.shape[1] - 1)
-            margin = margins.to(device=scores.device, dtype=torch.float32)[safe]
+        # One kernel reads the scores in their own dtype, noises, selects and finishes each
+        # row's hinge (label score, margin, scale); it flags non-finite rows and labels out of
+        # range itself, so the device checks cost nothing more here.
         hinge, bad = noised_hinge_rows(
             scores,
             labels.contiguous(),
-            margin,
+            1.0 if margins is None else margins,
             loss.k + 1,
             loss.epsilon,
             loss.n_samples,
+            scale=scale,
             generator=generator,
         )
         return poison(hinge.mean(), None if on_host else bad)
@@ -86,7 +84,7 @@ def _noised_hinge_mean(
     )
     margin = 1.0 if margins is None else margins.to(device=work.device, dtype=work.dtype)[labels]
     hinge = (margin + kth - _label_scores(work, labels)).clamp_min(0.0)
-    return poison(hinge.mean(), bad)
+    return poison(scale * hinge.mean(), bad)
 
 
 def margins_classes(margins: torch.Tensor | None) -> int | None:
@@ -111,7 +109,8 @@ class TopKHingeLoss(CheckedLoss):
 
     forward(scores [batch, classes], labels [batch] int) -> scalar in the scores' dtype.
     The generator argument is accepted for a uniform interface and ignored. Raises ValueError
-    for bad shapes, k + 1 > classes, labels out of range or non-finite scores.
+    for bad shapes, k + 1 > classes, labels out of range or non-finite scores (values are checked
+    as `check_inputs` says: on a GPU after the first call, a bad value makes the loss NaN).
     """
 
     needs_cosine_head = False
@@ -145,7 +144,8 @@ class NoisedTopKLoss(CheckedLoss):
     int, generator=None) -> scalar in the scores' dtype; the noise comes from `generator` (a
     torch.Generator on the scores' device) or the device's default generator. sampler: "full"
     or "lazy" (exact lazy sampling, same distribution). Raises ValueError for bad arguments,
-    bad shapes, k + 1 > classes, labels out of range or non-finite scores.
+    bad shapes, k + 1 > classes, labels out of range or non-finite scores (values are checked
+    as `check_inputs` says: on a GPU after the first call, a bad value makes the loss NaN).
     """
 
     needs_cosine_head = False
@@ -177,7 +177,7 @@ class NoisedTopKLoss(CheckedLoss):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        return _noised_hinge_mean(self, scores, labels, None, generator).to(scores.dtype)
+        return _noised_hinge_mean(self, scores, labels, None, 1.0, generator).to(scores.dtype)
 
 
 class NoisedTopKImbalancedLoss(CheckedLoss):
@@ -223,6 +223,8 @@ class NoisedTopKImbalancedLoss(CheckedLoss):
         # float64 so that float64 scores get exact margins (cast to the scores' dtype in
         # forward); not persistent: the margins follow from the constructor arguments.
         self.register_buffer("margins", ldam_margins(counts, self.max_m), persistent=False)
+        # The same in float32, for float32 and half-precision scores: no cast per call.
+        self.register_buffer("margins32", self.margins.float(), persistent=False)
 
     def extra_repr(self) -> str:
         return (
@@ -237,5 +239,7 @@ class NoisedTopKImbalancedLoss(CheckedLoss):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        hinge = _noised_hinge_mean(self, scores, labels, self.margins, generator)
-        return (self.scale * hinge).to(scores.dtype)
+        margins = self.margins if scores.dtype == torch.float64 else self.margins32
+        return _noised_hinge_mean(self, scores, labels, margins, self.scale, generator).to(
+            scores.dtype
+        )
