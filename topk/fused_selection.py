@@ -111,6 +111,11 @@ def _define_kernels():  # noqa: C901 - the two kernels live together
     ):
         row = tl.program_id(0)
         group = tl.program_id(1)
+        # Float arguments in float32 whoever launches: under torch.compile, Inductor passes Python
+        # floats as float64, which would turn the loop-carried selection state into float64.
+        epsilon = tl.cast(epsilon, tl.float32)
+        margin = tl.cast(margin, tl.float32)
+        scale = tl.cast(scale, tl.float32)
         draw = group * 4 + tl.arange(0, 4)
         live = draw < n_draws
         cols = tl.arange(0, BLOCK)
@@ -221,6 +226,7 @@ def _define_kernels():  # noqa: C901 - the two kernels live together
         # gradient times scale where the hinge is active (else 0); g_r * count_r(c) / n for the
         # k-th largest. count_r(c), the draws of row r that selected class c, is exact.
         row = tl.program_id(0)
+        scale = tl.cast(scale, tl.float32)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         d = tl.arange(0, DRAWS_PAD)
         chosen = tl.load(indices_ptr + row.to(tl.int64) * n_draws + d, mask=d < n_draws, other=-1)
@@ -269,6 +275,8 @@ def _launch_forward(
     rows, classes = scores.shape
     if scores.stride(1) != 1:
         scores = scores.contiguous()
+    if labels is not None:
+        labels = labels.contiguous()  # the kernel reads labels[row] at offset row
     device = scores.device
     values = torch.empty(rows, n_draws, dtype=torch.float32, device=device)
     indices = torch.empty(rows, n_draws, dtype=torch.int64, device=device)
@@ -360,6 +368,7 @@ def _launch_backward(
 ) -> torch.Tensor:
     rows, classes = shape
     n_draws = indices.shape[1]
+    indices = indices.contiguous()  # the kernel reads row r's draws at r * n_draws
     if n_draws > _BWD_MAX_DRAWS:  # PyTorch counts instead, exactly as well
         weight = row_grad.float()
         if hinge is not None:
@@ -378,6 +387,7 @@ def _launch_backward(
     grad = torch.empty(rows, classes, dtype=dtype, device=indices.device)
     block = min(_BWD_BLOCK, _next_power_of_two(classes))
     labels, hinge_rows, scale = hinge if hinge is not None else (indices, indices, 1.0)
+    labels, hinge_rows = labels.contiguous(), hinge_rows.contiguous()
     select_backward[(rows, -(-classes // block))](
         grad,
         indices,
