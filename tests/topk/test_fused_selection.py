@@ -132,9 +132,9 @@ class _Saved:
 # Same noise: the kernel against topk.smoothing.sample_kth_largest_full
 # ---------------------------------------------------------------------------------------------
 
-# (rank, n_draws, classes): classes smaller than a block, not a power of two, and above the
-# 1024-class block (2500: three blocks streamed); n_draws 1, 5, 8 (one group with 3 dead draws,
-# two groups with 3 dead, two full groups); every rank with every n and a few class counts.
+# (rank, n_draws, classes): classes smaller than a block, not a power of two, and 2500, above
+# any forward block (at most 1024 classes), so several blocks are streamed; n_draws 1, 5, 8 (one
+# group with 3 dead draws, two groups with 3 dead, two full groups); every rank with every n.
 SAME_NOISE_CASES = [
     (1, 1, 7),
     (1, 8, 2500),
