@@ -157,7 +157,9 @@ def smoothed_kth_largest(
     topk.lazy_sampling); both give the same distribution.
     The gradient is the mean over draws of the one-hot at the sampled index (rows sum to 1).
     Raises ValueError for a bad k, epsilon, n_samples, sampler, noise shape, generator device,
-    or non-finite scores.
+    or (on a CPU) non-finite scores or noise; on a GPU nothing is read on the host, and a row with
+    a non-finite score comes back NaN. On CUDA with Triton, sampler "full" runs in one kernel
+    (topk.fused_selection): same distribution, not the same draws as the CPU path.
     """
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise ValueError("scores must be a floating-point tensor")
