@@ -1,8 +1,8 @@
 """Where the fused Triton kernels (topk.fused_selection) run in these tests.
 
 With CUDA they are compiled for the GPU and the fused tests use device "cuda". Without it they
-run through Triton's interpreter on the CPU: TRITON_INTERPRET=1 must be set before the kernels
-are first built (lazily, on first use), so it is set here, at import time, before any test runs.
+run through Triton's interpreter on the CPU: TRITON_INTERPRET=1 is set by tests/conftest.py,
+before anything imports triton.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FUSED_DEVICE = torch.device("cuda" if CUDA else "cpu")
 
