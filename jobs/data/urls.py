@@ -88,34 +88,90 @@ def check_url(
     return path
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """Expand shell-style braces: `a-{000..003}.tar` (zero padding kept) and `{train,val}`.
+MAX_BRACE_URLS = 100_000
+"""The most URLs one brace pattern may name. Counted before anything is expanded: a pattern such
+as `x-{0..99999999}.tar` is refused at once instead of filling the server's memory."""
 
-    Several groups expand as a product, left to right. Raises ValueError on unbalanced braces
-    or an empty range.
-    """
-    start = pattern.find("{")
-    if start < 0:
-        if "}" in pattern:
-            raise ValueError(f"unbalanced '}}' in {pattern!r}")
-        return [pattern]
+_MAX_RANGE_DIGITS = 18  # a bound in a range has at most this many digits (fits an int64)
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _quoted(pattern: str) -> str:
+    """The pattern for an error message: a user's 10,000-character pattern is not echoed whole."""
+    return repr(_shorten(pattern))
+
+
+def _brace_group(pattern: str, start: int) -> tuple[int, str, list[str] | range, int]:
+    """The group whose '{' is at `start`: (end index of its '}', its body, its choices as a list
+    or a range of ints, the zero-padding width of a range). Raises ValueError for an unbalanced,
+    nested, empty or unknown group."""
     end = pattern.find("}", start)
     if end < 0:
-        raise ValueError(f"unbalanced '{{' in {pattern!r}")
-    body, head, tail = pattern[start + 1 : end], pattern[:start], pattern[end + 1 :]
+        raise ValueError(f"unbalanced '{{' in {_quoted(pattern)}")
+    body = pattern[start + 1 : end]
+    if "{" in body:
+        raise ValueError(f"nested braces in {_quoted(pattern)}")
     range_match = _BRACE_RANGE.match(body)
     if range_match:
         lo_text, hi_text = range_match.groups()
+        if max(len(lo_text.lstrip("-")), len(hi_text.lstrip("-"))) > _MAX_RANGE_DIGITS:
+            raise ValueError(
+                f"brace range {{{_shorten(body)}}} in {_quoted(pattern)} has too many digits"
+            )
         lo, hi = int(lo_text), int(hi_text)
         if hi < lo:
-            raise ValueError(f"empty brace range {{{body}}} in {pattern!r}")
+            raise ValueError(f"empty brace range {{{_shorten(body)}}} in {_quoted(pattern)}")
         width = len(lo_text) if lo_text.startswith("0") and len(lo_text) > 1 else 0
-        choices = [str(i).zfill(width) for i in range(lo, hi + 1)]
-    elif "," in body:
-        choices = body.split(",")
-    else:
-        raise ValueError(f"cannot expand {{{body}}} in {pattern!r}: use {{a..b}} or {{x,y}}")
-    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+        return end, body, range(lo, hi + 1), width
+    if "," in body:
+        return end, body, body.split(","), 0
+    raise ValueError(
+        f"cannot expand {{{_shorten(body)}}} in {_quoted(pattern)}: use {{a..b}} or {{x,y}}"
+    )
+
+
+def count_braces(pattern: str) -> int:
+    """How many URLs expand_braces(pattern) names, without expanding anything (the product of
+    the groups' sizes). Raises ValueError as expand_braces does, except for the size limit."""
+    count, position = 1, 0
+    while (start := pattern.find("{", position)) >= 0:
+        if "}" in pattern[position:start]:
+            raise ValueError(f"unbalanced '}}' in {_quoted(pattern)}")
+        end, _, choices, _ = _brace_group(pattern, start)
+        count *= len(choices)
+        position = end + 1
+    if "}" in pattern[position:]:
+        raise ValueError(f"unbalanced '}}' in {_quoted(pattern)}")
+    return count
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand shell-style braces: `a-{000..003}.tar` (zero padding kept) and `{train,val}`.
+
+    Several groups expand as a product, left to right. Raises ValueError on unbalanced or
+    nested braces, an empty range, or a pattern naming more than MAX_BRACE_URLS URLs (counted
+    first, so a huge pattern costs nothing).
+    """
+    count = count_braces(pattern)
+    if count > MAX_BRACE_URLS:
+        raise ValueError(
+            f"the brace pattern {_quoted(pattern)} names {count:,} URLs; "
+            f"at most {MAX_BRACE_URLS:,} are allowed"
+        )
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    end, _, choices, width = _brace_group(pattern, start)
+    head, tail = pattern[:start], pattern[end + 1 :]
+    texts = [str(i).zfill(width) for i in choices] if isinstance(choices, range) else choices
+    return [expanded for text in texts for expanded in _expand(head + text + tail)]
 
 
 def join_url(base: str, relative: str) -> str:

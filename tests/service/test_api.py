@@ -119,6 +119,17 @@ def test_invalid_specs_get_422_with_field_paths(api):
         (tiny_spec(epochs="many"), "epochs"),
         # ldam needs class counts; none given and no dataset.json to read them from
         (tiny_spec(loss={"name": "ldam"}), "loss.class_counts"),
+        # 100 million shards: counted, not expanded (expanding it froze the server)
+        (
+            {
+                **tiny_spec(),
+                "data": {
+                    **tiny_spec()["data"],
+                    "train": "/tmp/topk-nonexistent/x-{0..99999999}.tar",
+                },
+            },
+            "data.train",
+        ),
     ]
     with client_for(server, alice) as http:
         before = len(http.get("/v1/jobs", params={"limit": 200}).json()["items"])

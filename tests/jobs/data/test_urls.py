@@ -7,7 +7,7 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from jobs.data.urls import check_url, expand_braces, missing_urls
+from jobs.data.urls import MAX_BRACE_URLS, check_url, count_braces, expand_braces, missing_urls
 from jobs.spec.data import DataSpec
 
 
@@ -71,9 +71,29 @@ def test_expand_braces():
     assert expand_braces("x{8..10}") == ["x8", "x9", "x10"]
     assert expand_braces("{a,b}-{0..1}") == ["a-0", "a-1", "b-0", "b-1"]
     assert expand_braces("plain.tar") == ["plain.tar"]
-    for bad in ("x{1..0}", "x{1..3", "x}", "x{abc}"):
+    for bad in ("x{1..0}", "x{1..3", "x}", "x{abc}", "a}{1,2}", "{a{b,c}}"):
         with pytest.raises(ValueError):
             expand_braces(bad)
+
+
+def test_brace_patterns_are_counted_before_they_expand():
+    assert count_braces("s3://b/{train,val}-{000..099}.tar") == 200
+    assert count_braces("plain.tar") == 1
+    assert len(expand_braces(f"x-{{1..{MAX_BRACE_URLS}}}")) == MAX_BRACE_URLS
+    # Each of these would take gigabytes to expand; refused from the count alone.
+    for huge, count in [
+        ("x-{0..99999999}.tar", "100,000,000"),
+        ("{0..999}-{0..999}", "1,000,000"),
+        ("a{0..9}" * 10, "10,000,000,000"),
+    ]:
+        with pytest.raises(ValueError, match=f"names {count} URLs; at most 100,000"):
+            expand_braces(huge)
+    # A bound with thousands of digits is refused without converting it, and the message
+    # quotes at most 200 characters of the pattern.
+    digits = "9" * 5000
+    with pytest.raises(ValueError, match="too many digits") as caught:
+        expand_braces(f"x{{{digits}..{digits}9}}")
+    assert len(str(caught.value)) < 600
 
 
 def test_missing_urls_on_local_and_memory(tmp_path):
