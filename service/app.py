@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -32,7 +31,14 @@ from service.launcher import LaunchError, RayLauncher
 from service.observability import ServiceMetrics
 from service.reconciler import Reconciler, crash_point
 from service.settings import Settings
-from service.specs import InvalidSpec, check_spec, complete_spec, needs_dataset_read, spec_model
+from service.specs import (
+    InvalidSpec,
+    check_spec,
+    complete_spec,
+    needs_dataset_read,
+    parse_json_document,
+    spec_model,
+)
 
 log = logging.getLogger("topk.service")
 
@@ -305,6 +311,7 @@ def _jobs_router(kind: str, prefix: str) -> APIRouter:
             200: {"model": JobRecord, "description": "Same Idempotency-Key and body: the job"},
             409: {"model": ErrorBody},
             413: {"model": ErrorBody},
+            415: {"model": ErrorBody, "description": "The body is not application/json"},
         },
         openapi_extra={"x-topk-body": kind},
         name=f"submit_{noun}",
@@ -315,10 +322,17 @@ def _jobs_router(kind: str, prefix: str) -> APIRouter:
         owner: OwnerDep,
         idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     ) -> Response:
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+            raise ApiError(
+                415, "unsupported_media_type", f"send the spec as application/json, not {media_type}"
+            )
         raw = await request.body()
         try:
-            body = json.loads(raw) if raw else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            # Duplicate keys, 5,000-digit integers and 100,000-deep nesting are errors here,
+            # not a silently kept last value or a 500.
+            body = parse_json_document(raw) if raw else None
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ApiError(422, "invalid_json", f"the body is not valid JSON: {exc}") from None
         if body is None:
             raise ApiError(422, "invalid_spec", f"the body must be a {noun} spec (JSON object)")

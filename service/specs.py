@@ -35,6 +35,14 @@ class ValidatedSpec:
     requested_gpus: float
 
 
+def parse_json_document(raw: bytes) -> Any:
+    """A request body as strict JSON: duplicate keys, integers over 40 digits and nesting too deep
+    are ValueErrors (jobs.spec.io.parse_json_document, the CLI's JSON loader)."""
+    from jobs.spec.io import parse_json_document as parse
+
+    return parse(raw)
+
+
 def spec_model(kind: str):
     if kind == "train":
         from jobs.spec.train import TrainSpec

@@ -64,11 +64,34 @@ def _reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+MAX_JSON_INT_DIGITS = 40
+"""No spec field needs an integer this long; longer ones are refused while parsing (Python would
+otherwise spend time converting, or refuse past 4,300 digits with an unrelated message)."""
+
+
+def _bounded_json_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_JSON_INT_DIGITS:
+        raise ValueError(f"an integer of {digits} digits (at most {MAX_JSON_INT_DIGITS})")
+    return int(text)
+
+
+def parse_json_document(text: str | bytes) -> Any:
+    """Strict JSON: duplicate keys and integers over 40 digits are refused, and so is nesting
+    too deep for the parser. Raises ValueError naming the problem (never RecursionError)."""
+    try:
+        return json.loads(
+            text, object_pairs_hook=_reject_duplicate_json_keys, parse_int=_bounded_json_int
+        )
+    except RecursionError:
+        raise ValueError("the document is nested too deeply") from None
+
+
 def parse_spec_text(text: str, *, source: str = "spec", is_json: bool = False) -> dict[str, Any]:
     """A spec document (YAML, or JSON when `is_json`) -> dict. Raises SpecFileError."""
     try:
         if is_json:
-            document = json.loads(text, object_pairs_hook=_reject_duplicate_json_keys)
+            document = parse_json_document(text)
         else:
             document = yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 (a SafeLoader)
     except yaml.MarkedYAMLError as exc:

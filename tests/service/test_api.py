@@ -155,15 +155,43 @@ def test_class_counts_given_in_the_body_are_kept(api):
 
 
 @pytest.mark.parametrize(
-    "body",
-    [b"{not json", b"[1, 2]", b"", b'"text"', b"null", '{"data": "\u00e9"}'.encode("latin-1")],
+    ("body", "message"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "spec"),
+        (b"", "spec"),
+        (b'"text"', "spec"),
+        (b"null", "spec"),
+        ('{"data": "\u00e9"}'.encode("latin-1"), "not valid JSON"),
+        # These gave a 500 and a dropped connection (each fits in the test server's 20 kB).
+        (b"[" * 9_000 + b"]" * 9_000, "nested too deeply"),
+        (b'{"a":' * 3_000, "nested too deeply"),
+        (b'{"epochs": ' + b"9" * 5_000 + b"}", "integer of 5000 digits"),
+        # The last key silently won; the CLI's loader already refused it.
+        (b'{"epochs": 1, "epochs": 2}', "duplicate key 'epochs'"),
+    ],
 )
-def test_malformed_bodies_get_422(api, body):
+def test_malformed_bodies_get_422(api, body, message):
     server, _, alice, *_ = api
     with client_for(server, alice) as http:
         response = http.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
-    assert response.status_code == 422, response.text
-    assert response.json()["message"]
+        assert response.status_code == 422, response.text
+        assert message in response.json()["message"]
+        assert http.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+def test_bodies_that_are_not_json_get_415(api, content_type):
+    server, _, alice, *_ = api
+    body = json.dumps(tiny_spec()).encode()
+    with client_for(server, alice) as http:
+        response = http.post("/v1/jobs", content=body, headers={"Content-Type": content_type})
+        assert response.status_code == 415, response.text
+        assert "application/json" in response.json()["message"]
+        charset = {"Content-Type": "application/json; charset=utf-8"}
+        assert http.post("/v1/jobs", content=body, headers=charset).status_code == 201
 
 
 def test_oversized_bodies_get_413(api):
