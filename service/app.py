@@ -325,7 +325,9 @@ def _jobs_router(kind: str, prefix: str) -> APIRouter:
         media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media_type and media_type != "application/json" and not media_type.endswith("+json"):
             raise ApiError(
-                415, "unsupported_media_type", f"send the spec as application/json, not {media_type}"
+                415,
+                "unsupported_media_type",
+                f"send the spec as application/json, not {media_type}",
             )
         raw = await request.body()
         try:
