@@ -17,7 +17,7 @@ from it; `.../dataset.json#test` picks another split)."""
 class AugmentSpec(BaseModel):
     """Training augmentation (random resized crop, flip) and the normalisation of all inputs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     random_resized_crop: bool = True
     crop_scale_min: float = Field(0.35, gt=0.0, le=1.0)

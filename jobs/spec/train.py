@@ -160,15 +160,15 @@ class ScalingSpec(BaseModel):
 
     num_workers: StrictInt = Field(1, ge=1, le=1024)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    gpus_per_worker: float = Field(1.0, gt=0.0)
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=1024.0)
+    gpus_per_worker: float = Field(1.0, gt=0.0, le=64.0)
     """Used only with use_gpu."""
 
 
 class CheckpointSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    keep_last: StrictInt = Field(2, ge=1)
+    keep_last: StrictInt = Field(2, ge=1, le=1000)
     """How many checkpoints Ray Train keeps: the `keep_last` best by metrics.select (the latest
     ones when there is no validation split), and always the most recent one for resuming."""
 
@@ -192,11 +192,11 @@ class TrainSpec(BaseModel):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     storage: str | None = None
     """fsspec URL of the runs root; None -> the runtime's default."""
-    max_failures: StrictInt = Field(0, ge=-1)
+    max_failures: StrictInt = Field(0, ge=-1, le=1000)
     """Worker failures Ray Train recovers from (from the last checkpoint); -1 = unlimited."""
     amp: bool = True
     """Mixed precision; used on GPU only."""
-    seed: StrictInt = Field(0, ge=0)
+    seed: StrictInt = Field(0, ge=0, le=2**32 - 1)
 
     @model_validator(mode="after")
     def _check_cross_fields(self, info: ValidationInfo) -> TrainSpec:

@@ -128,6 +128,31 @@ def test_field_errors_name_the_path_and_the_value():
     ]
 
 
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        (
+            {"data": {**DATA, "num_classes": 136, "augment": {"mean": [float("nan")]}}},
+            "data.augment.mean[0]",
+        ),
+        (
+            {"data": {**DATA, "num_classes": 136, "augment": {"std": [float("inf")]}}},
+            "data.augment.std[0]",
+        ),
+        ({"seed": 2**70}, "seed"),
+        ({"checkpoint": {"keep_last": 2**62}}, "checkpoint.keep_last"),
+        ({"max_failures": 2**40}, "max_failures"),
+        ({"scaling": {"cpus_per_worker": 1e308}}, "scaling.cpus_per_worker"),
+        ({"scaling": {"use_gpu": True, "gpus_per_worker": 10_000.0}}, "scaling.gpus_per_worker"),
+    ],
+)
+def test_values_that_only_the_worker_would_refuse_are_refused_here(fields, path):
+    """NaN normalisation trained to an infinite loss that "succeeded"; a 2**70 seed and the like
+    failed in the worker, after the job was accepted."""
+    problems = problems_of(spec_dict(**fields))
+    assert any(problem.startswith(f"{path}:") for problem in problems), problems
+
+
 def test_unknown_fields_suggest_the_right_one():
     [line] = problems_of(spec_dict(optim={"learning_rate": 0.1}))
     assert line == (
