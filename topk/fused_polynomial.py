@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import torch
 
-_LOG_ZERO = -1e30
-# A term that does not exist: exp(_NO_TERM - anything real) is 0, and unlike -inf it never
-# meets another -inf in a subtraction (padding lanes would compute NaN, harmlessly but noisily).
-_NO_TERM = -3.0e38
+from topk.fused_selection import next_power_of_two
+
+# In the kernels (literals: compiled Triton reads no module globals), -1e30 is log-zero, and
+# -3.0e38 marks a term that does not exist: exp(-3.0e38 - anything real) is 0, and unlike -inf it
+# never meets another -inf in a subtraction (padding lanes would compute NaN, harmlessly but
+# noisily).
 MAX_DEGREE = 16  # above this the [k + 1, k + 1] term tile per polynomial gets too large
 _TILE = 4096  # terms per program
 
@@ -129,12 +131,8 @@ def _define_kernels():  # noqa: C901 - forward and backward live together
     return merge_forward, merge_backward
 
 
-def _pad(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _launch(kernel, n_out: int, degree: int, new_degree: int, *tensors_and_sizes) -> None:
-    degree_pad, new_degree_pad = _pad(degree + 1), _pad(new_degree + 1)
+    degree_pad, new_degree_pad = next_power_of_two(degree + 1), next_power_of_two(new_degree + 1)
     block = max(1, _TILE // (degree_pad * new_degree_pad))
     kernel[(-(-n_out // block),)](
         *tensors_and_sizes,
@@ -154,10 +152,10 @@ class _LogPolynomialTree(torch.autograd.Function):
     @staticmethod
     def forward(ctx, poly, k):  # type: ignore[override]
         merge_forward, _ = _kernels()
-        shapes, inputs = [], []  # per level: (groups_in, groups_out, degree, new_degree), input
-        poly = poly.detach().contiguous()
+        levels = [poly.detach().contiguous()]  # each level's input, then the result
         rows = poly.shape[0]
-        while poly.shape[1] > 1:
+        while levels[-1].shape[1] > 1:
+            poly = levels[-1]
             groups_in, degree = poly.shape[1], poly.shape[2] - 1
             groups_out, new_degree = -(-groups_in // 2), min(2 * degree, k)
             out = poly.new_empty(rows, groups_out, new_degree + 1)
@@ -165,37 +163,32 @@ class _LogPolynomialTree(torch.autograd.Function):
             _launch(
                 merge_forward, n_out, degree, new_degree, poly, out, n_out, groups_in, groups_out
             )
-            shapes.append((groups_in, groups_out, degree, new_degree))
-            inputs.append(poly)
-            poly = out
-        ctx.levels = shapes
-        ctx.save_for_backward(*inputs, poly)
-        return poly[:, 0]
+            levels.append(out)
+        ctx.save_for_backward(*levels)
+        return levels[-1][:, 0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_result):  # type: ignore[override]
         _, merge_backward = _kernels()
-        *inputs, final = ctx.saved_tensors
-        outputs = [*inputs[1:], final]
+        levels = ctx.saved_tensors
         grad = grad_result.contiguous()[:, None, :]
-        for (groups_in, groups_out, degree, new_degree), poly, out in reversed(
-            list(zip(ctx.levels, inputs, outputs, strict=True))
-        ):
+        # Level shapes follow from the saved tensors: [rows, groups, degree + 1] in and out.
+        for poly, out in reversed(list(zip(levels[:-1], levels[1:], strict=True))):
             grad_poly = torch.empty_like(poly)
-            n_out = poly.shape[0] * groups_out
+            n_out = out.shape[0] * out.shape[1]
             _launch(
                 merge_backward,
                 n_out,
-                degree,
-                new_degree,
+                poly.shape[2] - 1,
+                out.shape[2] - 1,
                 poly,
                 out,
                 grad.contiguous(),
                 grad_poly,
                 n_out,
-                groups_in,
-                groups_out,
+                poly.shape[1],
+                out.shape[1],
             )
             grad = grad_poly
         return grad, None

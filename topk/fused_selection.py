@@ -1,7 +1,7 @@
 """The noised top-j selection in one Triton kernel, and the noised hinge built on it (the GPU path).
 
 For each row of scores [rows, classes] and each of n draws, the forward kernel makes the Gaussian
-noise from a counter-based generator (Philox, keyed by one 64-bit seed drawn from the caller's
+noise from a counter-based generator (Philox, keyed by one 62-bit seed drawn from the caller's
 torch.Generator), adds it to the scores and keeps the j-th largest noised value and its index.
 Nothing of size [rows, classes, n] or even [rows, classes] is written: one program handles one row
 and four draws (a Philox call gives four normals), streams the row through in blocks, and keeps
@@ -52,7 +52,11 @@ def uses_triton(scores: torch.Tensor) -> bool:
     """Whether the noised selection of these scores runs in the Triton kernel (see BACKEND)."""
     if BACKEND not in BACKENDS:
         raise ValueError(f"topk.fused_selection.BACKEND must be one of {BACKENDS}, got {BACKEND!r}")
-    if BACKEND == "torch" or scores.dtype not in _FUSED_DTYPES:
+    if (
+        BACKEND == "torch"
+        or not isinstance(scores, torch.Tensor)  # the caller's checks name what is wrong
+        or scores.dtype not in _FUSED_DTYPES
+    ):
         return False
     if BACKEND == "triton":
         if not triton_importable():
@@ -245,8 +249,23 @@ def _define_kernels():  # noqa: C901 - the two kernels live together
     return select_forward, select_backward
 
 
-def _next_power_of_two(n: int) -> int:
+def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def draw_counts(shape: torch.Size, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """counts[r, c]: how many of row r's draws selected class c, exactly. indices [rows, n] int64;
+    dtype float32 (exact below 2**24 draws) or float64.
+
+    The 1.0s are added by an accumulating index_put_: integers add up exactly in any order, so
+    the counts are the same on every run, and torch allows it under
+    torch.use_deterministic_algorithms (scatter_add_ on CUDA it refuses).
+    """
+    rows, n_draws = indices.shape
+    counts = torch.zeros(shape, dtype=dtype, device=indices.device)
+    row_ids = torch.arange(rows, device=indices.device)[:, None].expand(rows, n_draws)
+    ones = torch.ones((), dtype=dtype, device=indices.device).expand(rows, n_draws)
+    return counts.index_put_((row_ids, indices), ones, accumulate=True)
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -299,7 +318,7 @@ def _launch_forward(
     else:
         assert seed is not None
         noise, noise_strides = scores, (0, 0)  # unread
-    block = min(_MAX_BLOCK, _next_power_of_two(classes))
+    block = min(_MAX_BLOCK, next_power_of_two(classes))
     grid = (rows, -(-n_draws // DRAWS_PER_PROGRAM))
     select_forward[grid](
         scores,
@@ -322,13 +341,13 @@ def _launch_forward(
         n_draws,
         float(epsilon),
         RANK=rank,
-        RANK_PAD=_next_power_of_two(rank),
+        RANK_PAD=next_power_of_two(rank),
         BLOCK=block,
         HAS_NOISE=noise is not scores,
         HAS_LABELS=labels is not None,
         HINGE=hinge is not None,
         HAS_MARGINS=margins is not None,
-        DRAWS_PAD=max(2, _next_power_of_two(n_draws)),
+        DRAWS_PAD=max(2, next_power_of_two(n_draws)),
         num_warps=_FWD_WARPS,
     )
     return values, indices, label_scores, bad, hinge_rows
@@ -374,18 +393,17 @@ def _launch_backward(
         if hinge is not None:
             labels, hinge_rows, scale = hinge
             weight = torch.where(hinge_rows > 0, weight * scale, 0.0)
-        counts = torch.zeros(rows, classes, dtype=torch.float32, device=indices.device)
-        row_ids = torch.arange(rows, device=indices.device)[:, None].expand_as(indices)
-        ones = torch.ones((), dtype=torch.float32, device=indices.device).expand_as(indices)
-        counts.index_put_((row_ids, indices), ones, accumulate=True)  # exact below 2**24
-        grad = counts.mul_((weight / n_draws)[:, None])
+        count_dtype = torch.float32 if n_draws < (1 << 24) else torch.float64
+        counts = draw_counts(shape, indices, count_dtype)
+        grad = counts.mul_((weight.to(count_dtype) / n_draws)[:, None])
         if hinge is not None:
             inside = (labels >= 0) & (labels < classes)
-            grad.scatter_add_(1, labels.clamp(0, classes - 1)[:, None], -(weight * inside)[:, None])
+            label_weight = (weight * inside).to(count_dtype)
+            grad.scatter_add_(1, labels.clamp(0, classes - 1)[:, None], -label_weight[:, None])
         return grad.to(dtype)
     _, select_backward = _kernels()
     grad = torch.empty(rows, classes, dtype=dtype, device=indices.device)
-    block = min(_BWD_BLOCK, _next_power_of_two(classes))
+    block = min(_BWD_BLOCK, next_power_of_two(classes))
     labels, hinge_rows, scale = hinge if hinge is not None else (indices, indices, 1.0)
     labels, hinge_rows = labels.contiguous(), hinge_rows.contiguous()
     select_backward[(rows, -(-classes // block))](
@@ -398,7 +416,7 @@ def _launch_backward(
         classes,
         grad.stride(0),
         n_draws,
-        DRAWS_PAD=max(2, _next_power_of_two(n_draws)),
+        DRAWS_PAD=max(2, next_power_of_two(n_draws)),
         BLOCK=block,
         HINGE=hinge is not None,
         num_warps=4,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from topk.fused_selection import noised_kth_largest, uses_triton
+from topk.fused_selection import draw_counts, noised_kth_largest, uses_triton
 from topk.validation import check_positive_float, check_positive_int, host_reads_allowed
 
 SAMPLERS = ("full", "lazy")
@@ -116,19 +116,14 @@ class _MeanOneHotSelection(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
         (sampled_indices,) = ctx.saved_tensors
-        rows, n_samples = sampled_indices.shape
+        n_samples = sampled_indices.shape[1]
         # Count how often each class was drawn, exactly (float32 holds every integer below
         # 2**24; float64 beyond, and for float64 scores), then scale once: adding grad / n once
         # per draw rounds at every draw and drifts as n grows, and in half precision the rows
         # would not sum to 1.
         wide = ctx.scores_dtype == torch.float64 or n_samples >= (1 << 24)
         count_dtype = torch.float64 if wide else torch.float32
-        counts = torch.zeros(ctx.scores_shape, dtype=count_dtype, device=sampled_indices.device)
-        row_ids = torch.arange(rows, device=counts.device)[:, None].expand(rows, n_samples)
-        # Adding 1.0s is exact in any order, so the accumulating index_put_ gives the same counts
-        # on every run, and torch allows it under torch.use_deterministic_algorithms.
-        ones = torch.ones((), dtype=count_dtype, device=counts.device).expand(rows, n_samples)
-        counts.index_put_((row_ids, sampled_indices), ones, accumulate=True)
+        counts = draw_counts(ctx.scores_shape, sampled_indices, count_dtype)
         weight = grad_output.to(count_dtype) / n_samples
         return counts.mul_(weight[:, None]).to(ctx.scores_dtype), None, None
 
@@ -224,8 +219,9 @@ def smoothed_kth_largest_rows(
     sampler: str = "full",
 ) -> torch.Tensor:
     """smoothed_kth_largest for callers that have validated their input: scores [rows, classes]
-    (on the Triton path a row with a non-finite score gives a meaningless value: check first), 1 <= k <= classes, epsilon >= 0, n_samples >= 1, sampler valid, the generator on
-    the scores' device, noise None or [n_samples, rows, classes] (sampler "full"). Returns
+    (on the Triton path a row with a non-finite score gives a meaningless value: check first),
+    1 <= k <= classes, epsilon >= 0, n_samples >= 1, sampler valid, the generator on the scores'
+    device, noise None or [n_samples, rows, classes] (sampler "full"). Returns
     [rows] in the scores' dtype. The losses call this after their own checks, so that a batch
     is not scanned twice (and a GPU not synchronised twice) for non-finite values.
     """

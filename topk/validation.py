@@ -192,16 +192,21 @@ def checked_labels(
     k: int | None = None,
     num_classes: int | None = None,
     scan_scores: bool = True,
+    device_checks: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Every check a loss makes before its math, as `checks` says.
 
-    Returns (int64 labels safe to index with, None when the values were checked on the host,
-    else the device flag for `poison`). scan_scores=False leaves the non-finite scan to the
-    caller (a fused kernel that flags non-finite rows itself).
+    Returns (int64 labels, None when the values were checked on the host or device_checks is
+    False, else the device flag for `poison`). With the flag the labels come back clamped, safe
+    to index with. scan_scores=False leaves the non-finite scan to the caller (cross-entropy
+    turns a non-finite score into a non-finite loss itself); device_checks=False leaves every
+    device check to the caller (a fused kernel that flags bad rows and labels itself).
     """
     labels = check_shapes(scores, labels, k=k, num_classes=num_classes)
     if checks.on_host(scores):
         check_values(scores, labels)
+        return labels, None
+    if not device_checks:
         return labels, None
     return flag_bad_values(scores, labels, scan_scores=scan_scores)
 

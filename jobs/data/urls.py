@@ -104,9 +104,9 @@ def _quoted(pattern: str) -> str:
     return repr(_shorten(pattern))
 
 
-def _brace_group(pattern: str, start: int) -> tuple[int, str, list[str] | range, int]:
-    """The group whose '{' is at `start`: (end index of its '}', its body, its choices as a list
-    or a range of ints, the zero-padding width of a range). Raises ValueError for an unbalanced,
+def _brace_group(pattern: str, start: int) -> tuple[int, list[str] | range, int]:
+    """The group whose '{' is at `start`: (end index of its '}', its choices as a list or a range
+    of ints, the zero-padding width of a range). Raises ValueError for an unbalanced,
     nested, empty or unknown group."""
     end = pattern.find("}", start)
     if end < 0:
@@ -125,9 +125,9 @@ def _brace_group(pattern: str, start: int) -> tuple[int, str, list[str] | range,
         if hi < lo:
             raise ValueError(f"empty brace range {{{_shorten(body)}}} in {_quoted(pattern)}")
         width = len(lo_text) if lo_text.startswith("0") and len(lo_text) > 1 else 0
-        return end, body, range(lo, hi + 1), width
+        return end, range(lo, hi + 1), width
     if "," in body:
-        return end, body, body.split(","), 0
+        return end, body.split(","), 0
     raise ValueError(
         f"cannot expand {{{_shorten(body)}}} in {_quoted(pattern)}: use {{a..b}} or {{x,y}}"
     )
@@ -140,7 +140,7 @@ def count_braces(pattern: str) -> int:
     while (start := pattern.find("{", position)) >= 0:
         if "}" in pattern[position:start]:
             raise ValueError(f"unbalanced '}}' in {_quoted(pattern)}")
-        end, _, choices, _ = _brace_group(pattern, start)
+        end, choices, _ = _brace_group(pattern, start)
         count *= len(choices)
         position = end + 1
     if "}" in pattern[position:]:
@@ -168,7 +168,7 @@ def _expand(pattern: str) -> list[str]:
     start = pattern.find("{")
     if start < 0:
         return [pattern]
-    end, _, choices, width = _brace_group(pattern, start)
+    end, choices, width = _brace_group(pattern, start)
     head, tail = pattern[:start], pattern[end + 1 :]
     texts = [str(i).zfill(width) for i in choices] if isinstance(choices, range) else choices
     return [expanded for text in texts for expanded in _expand(head + text + tail)]

@@ -26,10 +26,7 @@ from topk.validation import (
     check_class_counts,
     check_positive_float,
     check_positive_int,
-    check_shapes,
-    check_values,
     checked_labels,
-    flag_bad_values,
     poison,
 )
 
@@ -50,12 +47,17 @@ def _noised_hinge_mean(
     """mean over the batch of scale * (m_y + top_{k+1,eps}(s) - s_y)_+ in the working dtype,
     m_y = 1 or the per-class margins; checked as loss.check_inputs says, NaN for bad values
     checked on the device."""
-    labels = check_shapes(scores, labels, k=loss.k, num_classes=margins_classes(margins))
+    fused = loss.sampler == "full" and uses_triton(scores)
+    labels, bad = checked_labels(
+        loss._checks,
+        scores,
+        labels,
+        k=loss.k,
+        num_classes=None if margins is None else margins.numel(),
+        device_checks=not fused,
+    )
     check_generator(generator, scores.device)
-    on_host = loss._checks.on_host(scores)
-    if on_host:
-        check_values(scores, labels)
-    if loss.sampler == "full" and uses_triton(scores):
+    if fused:
         # One kernel reads the scores in their own dtype, noises, selects and finishes each
         # row's hinge (label score, margin, scale); it flags non-finite rows and labels out of
         # range itself, so the device checks cost nothing more here.
@@ -69,10 +71,7 @@ def _noised_hinge_mean(
             scale=scale,
             generator=generator,
         )
-        return poison(hinge.mean(), None if on_host else bad)
-    bad = None
-    if not on_host:
-        labels, bad = flag_bad_values(scores, labels)
+        return poison(hinge.mean(), bad)
     work = scores.to(working_dtype(scores.dtype))
     kth = smoothed_kth_largest_rows(
         work,
@@ -85,10 +84,6 @@ def _noised_hinge_mean(
     margin = 1.0 if margins is None else margins.to(device=work.device, dtype=work.dtype)[labels]
     hinge = (margin + kth - _label_scores(work, labels)).clamp_min(0.0)
     return poison(scale * hinge.mean(), bad)
-
-
-def margins_classes(margins: torch.Tensor | None) -> int | None:
-    return None if margins is None else margins.numel()
 
 
 def ldam_margins(class_counts: torch.Tensor, max_m: float) -> torch.Tensor:

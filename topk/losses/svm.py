@@ -105,18 +105,15 @@ def log_elementary_symmetric(x: torch.Tensor, k: int) -> torch.Tensor:
         poly = poly[..., :2]
     if fused:
         log_esp = log_polynomial_product(poly, k)
-        if log_esp.shape[1] < k + 1:
-            missing = log_esp.new_full((rows, k + 1 - log_esp.shape[1]), _LOG_ZERO)
-            log_esp = torch.cat([log_esp, missing], dim=1)
-        return log_esp
-    while poly.shape[1] > 1:
-        degree = poly.shape[-1] - 1
-        if poly.shape[1] % 2:  # odd count: pad with the unit polynomial 1
-            unit = poly.new_full((rows, 1, degree + 1), _LOG_ZERO)
-            unit[..., 0] = 0.0
-            poly = torch.cat([poly, unit], dim=1)
-        poly = _merge(poly, min(2 * degree, k))
-    log_esp = poly[:, 0]
+    else:
+        while poly.shape[1] > 1:
+            degree = poly.shape[-1] - 1
+            if poly.shape[1] % 2:  # odd count: pad with the unit polynomial 1
+                unit = poly.new_full((rows, 1, degree + 1), _LOG_ZERO)
+                unit[..., 0] = 0.0
+                poly = torch.cat([poly, unit], dim=1)
+            poly = _merge(poly, min(2 * degree, k))
+        log_esp = poly[:, 0]
     if log_esp.shape[1] < k + 1:  # fewer than k classes: the higher polynomials are 0
         missing = log_esp.new_full((rows, k + 1 - log_esp.shape[1]), _LOG_ZERO)
         log_esp = torch.cat([log_esp, missing], dim=1)
