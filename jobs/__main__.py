@@ -4,7 +4,8 @@
     python -m jobs sweep --spec URL --run-name RUN [--storage ROOT] [--address ADDR]
 
 Exit codes: 0 success, 1 the run failed, 2 invalid arguments or spec (one line per problem on
-stderr, never a traceback).
+stderr, never a traceback). An invalid spec is also recorded as a failed run in
+ROOT/RUN/result.json, so the service fails the job with its problems instead of retrying it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(command, help=f"run a {command} spec")
         sub.add_argument("--spec", required=True, help="spec file path or fsspec URL")
         add_run_arguments(sub, run_name_required=True)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, record_invalid=True)
     return parser
 
 

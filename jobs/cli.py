@@ -23,6 +23,15 @@ class UsageError(Exception):
         self.lines = lines
 
 
+class InvalidSpecError(UsageError):
+    """The spec cannot run, whatever the machine: `problems` holds its "field.path: message"
+    lines (the exception's lines add a header naming the file)."""
+
+    def __init__(self, lines: list[str], problems: list[str]) -> None:
+        super().__init__(lines)
+        self.problems = problems
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     for command, help_text in (
         ("train", "run a training spec on Ray (local cluster unless --address)"),
@@ -54,9 +63,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, run_name_required: boo
 
 
 def _url_limits() -> dict[str, Any]:
-    from jobs.spec.cli import url_limits_from_env
+    from jobs.data.urls import url_limits_from_env
 
-    return url_limits_from_env()
+    return dict(url_limits_from_env())
 
 
 def load_spec(url: str, kind: str) -> Any:
@@ -92,9 +101,27 @@ def load_spec(url: str, kind: str) -> Any:
         return _raise_invalid(url, lines)
 
 
+def check_data_sources(spec: Any) -> None:
+    """Resolve the shards that the spec's data.train and data.val name (a sweep: its base
+    training spec), reading their dataset.json, and check every shard URL against the process's
+    URL limits, before anything is started: a dataset.json inside the allowed roots that names
+    shards outside them is a refused spec. Raises UsageError naming the field."""
+    from jobs.data.pipeline import DataPipelineError, resolve_shards
+
+    data = getattr(spec, "train", spec).data
+    for split in ("train", "val"):
+        source = getattr(data, split)
+        if source is None:
+            continue
+        try:
+            resolve_shards(source, field=f"data.{split}", split=split, num_classes=data.num_classes)
+        except (ValueError, DataPipelineError) as exc:
+            raise UsageError([f"error: {exc}"]) from None
+
+
 def _raise_invalid(url: str, lines: list[str]) -> Any:
-    raise UsageError(
-        [f"{url}: invalid spec ({len(lines)} problem(s)):"] + [f"  {x}" for x in lines]
+    raise InvalidSpecError(
+        [f"{url}: invalid spec ({len(lines)} problem(s)):"] + [f"  {x}" for x in lines], lines
     )
 
 
@@ -131,9 +158,12 @@ def _run(args: argparse.Namespace, kind: str) -> int:
 
             check_url(storage, **_url_limits())
         root = normalize_root(storage)
+        check_data_sources(spec)
     except UsageError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
+        if isinstance(exc, InvalidSpecError) and getattr(args, "record_invalid", False):
+            _record_invalid_spec(args, exc)
         return 2
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -162,6 +192,31 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         print(f"error: {kind} run {run_name!r} failed: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _record_invalid_spec(args: argparse.Namespace, error: InvalidSpecError) -> None:
+    """Write ROOT/RUN/result.json with status "failed" and the spec's problems, for a run given
+    --run-name and --storage (the service's entrypoint always gives both): the service reads a
+    run's own failure there, and fails the job with it instead of retrying. A spec can pass the
+    service and be refused here: class counts that only the worker may read (service/specs.py).
+    A failure to write is printed, not raised."""
+    from jobs.training.storage import check_run_name, join, normalize_root, write_json
+
+    if not (args.run_name and args.storage):
+        return
+    result = {
+        "status": "failed",
+        "epochs": 0,
+        "best": None,
+        "best_epoch": None,
+        "error": "invalid spec: " + "; ".join(error.problems),
+        "time": time.time(),
+    }
+    try:
+        run_dir = join(normalize_root(args.storage), check_run_name(args.run_name))
+        write_json(join(run_dir, "result.json"), result)
+    except (OSError, ValueError) as exc:
+        print(f"error: could not write result.json under {args.storage}: {exc}", file=sys.stderr)
 
 
 def run_train_command(args: argparse.Namespace) -> int:

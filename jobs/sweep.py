@@ -11,6 +11,7 @@ sweep.json (the trial table, best params, best config as a valid training spec).
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from jobs.spec.io import resolve_class_counts
@@ -159,7 +160,17 @@ def run_sweep(
         }
         write_json(join(sweep_dir, "sweep.json"), summary)
         errors = "; ".join(t["error"] for t in trials if t["error"]) or "no metric reported"
-        raise RuntimeError(f"no trial reported {sweep.metric}: {errors}")
+        message = f"no trial reported {sweep.metric}: {errors}"
+        if not any(
+            result.error is not None and not is_user_error(result.error) for result in results
+        ):
+            # Every trial failed for the spec's or the data's reason: a relaunch would fail the
+            # same way, so result.json records the failure (the service fails the job at once).
+            write_json(
+                join(sweep_dir, "result.json"),
+                {"status": "failed", "error": message, "time": time.time()},
+            )
+        raise RuntimeError(message)
     pick = max if sweep.mode == "max" else min
     best = pick(scored, key=lambda t: t["metrics"][sweep.metric])
     best_config = apply_params(train, best["params"]).model_dump(mode="json")
@@ -173,6 +184,34 @@ def run_sweep(
     }
     write_json(join(sweep_dir, "sweep.json"), summary)
     return summary
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether a trial's error is the user's (the spec or the data) rather than the cluster's:
+    every innermost error under Ray's wrappers (a task error's cause, Ray Train's per-worker
+    failures) is a ValueError (spec validation, a refused URL, a bad dataset.json) or a
+    DataPipelineError (data that cannot be read as the spec asks). A died actor or node is not."""
+    from ray.exceptions import RayError
+
+    from jobs.data.pipeline import DataPipelineError
+
+    pending, leaves, seen = [error], [], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        inner = [getattr(current, "cause", None), current.__cause__]
+        inner += list((getattr(current, "worker_failures", None) or {}).values())
+        inner = [e for e in inner if isinstance(e, BaseException) and e is not current]
+        if inner:
+            pending.extend(inner)
+        else:
+            leaves.append(current)
+    return all(
+        isinstance(leaf, (ValueError, DataPipelineError)) and not isinstance(leaf, RayError)
+        for leaf in leaves
+    )
 
 
 def _one_line(error: BaseException) -> str:

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import db, run_storage
 from service.job_writer import JobWriter
 from service.launcher import LaunchError, RayLauncher
+from service.local_ray import HeadSupervisor
 from service.observability import ServiceMetrics
 from service.reconciler import Reconciler, crash_point
 from service.settings import Settings
@@ -121,9 +122,14 @@ class Owner:
 
 class TokenCache:
     """Valid tokens -> owner, remembered for `ttl_s` (a token lookup per request was a third
-    of the submit path's database time); a revoked token stops working within `ttl_s`."""
+    of the submit path's database time).
 
-    def __init__(self, store: db.Store, ttl_s: float = 30.0, max_entries: int = 10_000):
+    A revoked token (`topk token revoke`) stops working within `ttl_s` of the revocation's
+    commit: an entry expires `ttl_s` after the lookup that made it began. Half a second keeps
+    that under a second while a busy token still costs at most two primary-key reads a second
+    (an entry per token, so the saving under load is kept)."""
+
+    def __init__(self, store: db.Store, ttl_s: float = 0.5, max_entries: int = 10_000):
         self.store, self.ttl_s, self.max_entries = store, ttl_s, max_entries
         self._entries: dict[str, tuple[Owner, float]] = {}
 
@@ -205,9 +211,11 @@ def create_app(
     *,
     launcher: RayLauncher | None = None,
     run_reconciler: bool = True,
+    head_supervisor: HeadSupervisor | None = None,
 ) -> FastAPI:
     """The API app. Settings default to the environment; the database is migrated and the
-    reconciler started when the app starts (not at import or construction)."""
+    reconciler started when the app starts (not at import or construction). `head_supervisor`
+    (`topk serve`'s embedded Ray head) runs alongside the reconciler."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
@@ -221,6 +229,8 @@ def create_app(
         services.metrics.bind(services.store, services.reconciler)
         app.state.services = services
         services.writer.start()
+        if head_supervisor is not None:
+            head_supervisor.attach(services.reconciler)
         if run_reconciler:
             services.reconciler.start()
         # What exists now (modules, the app, its models) lives as long as the process: keep it
@@ -231,6 +241,8 @@ def create_app(
         try:
             yield
         finally:
+            if head_supervisor is not None:
+                head_supervisor.stop()
             services.reconciler.stop()
             await run_in_threadpool(services.writer.stop)
             services.store.close()
@@ -265,7 +277,7 @@ def _health_router() -> APIRouter:
 
     @router.get("/readyz", responses={503: {"model": ErrorBody}})
     def readyz(services: ServicesDep) -> dict[str, Any]:
-        """The database and Ray are reachable."""
+        """The database and Ray are reachable, and the reconciler completes its passes."""
         checks: dict[str, str] = {}
         try:
             services.store.ping()
@@ -280,6 +292,7 @@ def _health_router() -> APIRouter:
                 checks["ray"] = "ok"
             except LaunchError as exc:
                 checks["ray"] = f"unreachable: {exc}"
+            checks["reconciler"] = services.reconciler.health_problem() or "ok"
         if not all(value == "ok" or value.startswith("not used") for value in checks.values()):
             raise ApiError(503, "not_ready", "; ".join(f"{k}: {v}" for k, v in checks.items()))
         return {"status": "ready", **checks}
@@ -342,9 +355,10 @@ def _jobs_router(kind: str, prefix: str) -> APIRouter:
         settings = services.settings
         try:
             # Validation is CPU work under the GIL wherever it runs: on the event loop it costs
-            # no thread hop. Only reading a dataset.json (maybe remote) goes to a thread.
+            # no thread hop. Only reading a dataset.json (local, or on an allowed host) goes to a
+            # thread.
             model = check_spec(kind, body, settings)
-            if needs_dataset_read(model):
+            if needs_dataset_read(model, settings):
                 validated = await run_in_threadpool(complete_spec, kind, model, settings)
             else:
                 validated = complete_spec(kind, model, settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -88,6 +89,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     token_create.add_argument("name", metavar="NAME")
     token_create.add_argument("--data-dir", help="default: $TOPK_DATA_DIR or .topk")
     token_create.set_defaults(handler=run_token_create)
+    token_list = token_commands.add_parser(
+        "list", help="every token: its id, owner, created and revoked times (UTC), never a secret"
+    )
+    token_list.add_argument("--data-dir", help="default: $TOPK_DATA_DIR or .topk")
+    token_list.set_defaults(handler=run_token_list)
+    token_revoke = token_commands.add_parser(
+        "revoke",
+        help="revoke every live token of an owner, or one token by its id (`topk token list`); "
+        "the API refuses it within a second",
+    )
+    token_revoke.add_argument("target", metavar="NAME|ID", help="an owner name or a token id")
+    which = token_revoke.add_mutually_exclusive_group()
+    which.add_argument(
+        "--owner", dest="target_kind", action="store_const", const="owner", help="NAME is an owner"
+    )
+    which.add_argument(
+        "--id", dest="target_kind", action="store_const", const="id", help="ID is a token id"
+    )
+    token_revoke.add_argument("--data-dir", help="default: $TOPK_DATA_DIR or .topk")
+    token_revoke.set_defaults(handler=run_token_revoke)
 
     demo = subparsers.add_parser(
         "demo",
@@ -143,40 +164,95 @@ def _announce(text: str) -> None:
     print(text, flush=True)
 
 
-def serve(settings, *, ray_cpus: int, announce=_announce) -> int:
-    """Run the API until interrupted; starts (and then stops) a local Ray head when no
-    TOPK_RAY_ADDRESS is configured."""
-    import dataclasses
+class _Terminated(Exception):
+    """SIGTERM or SIGINT reached `topk serve`: shut down cleanly (the Ray head included)."""
 
+
+def _terminate(signum, _frame) -> None:
+    raise _Terminated(signal.Signals(signum).name)
+
+
+def serve(settings, *, ray_cpus: int, announce=_announce) -> int:
+    """Run the API until SIGTERM or SIGINT; with no TOPK_RAY_ADDRESS, a local Ray head runs
+    with it: the one recorded in the data dir when it is still alive (a killed server left it),
+    else a new one. The head is stopped when the server stops, and restarted in place if it
+    dies while the server runs."""
     import uvicorn
 
     from service.app import create_app
-    from service.local_ray import LocalRayHead
 
-    head = None
-    if settings.launch_mode == "ray" and not settings.ray_address:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        head = LocalRayHead(ray_cpus, log_path=settings.data_dir / "ray-head.log")
-        announce(f"starting a local Ray head ({ray_cpus} logical CPUs) ...")
-        try:
-            address = head.start()
-        except RuntimeError as exc:
-            return _fail(f"{exc}; see {settings.data_dir / 'ray-head.log'}")
-        settings = dataclasses.replace(
-            settings, ray_address=address, ray_dashboard_url=address, job_python=sys.executable
-        )
-    announce(f"Ray dashboard: {settings.ray_dashboard_url or '(none: launch mode hold)'}")
-    announce(f"database: {_redact(settings.database_url)}; runs: {settings.storage_url}")
-    announce(f"API: http://{settings.host}:{settings.port}  (docs at /docs)")
+    # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers
+    # that ends in `_Terminated` here, so the `finally` below stops the head (with the default
+    # SIGTERM handler the process died on the spot and left the head running).
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
+    head = supervisor = None
     try:
+        if settings.launch_mode == "ray" and not settings.ray_address:
+            try:
+                settings, head, supervisor = _embedded_head(settings, ray_cpus, announce)
+            except RuntimeError as exc:
+                return _fail(f"{exc}; see {settings.data_dir / 'ray-head.log'}")
+        announce(f"Ray dashboard: {settings.ray_dashboard_url or '(none: launch mode hold)'}")
+        announce(f"database: {_redact(settings.database_url)}; runs: {settings.storage_url}")
+        announce(f"API: http://{settings.host}:{settings.port}  (docs at /docs)")
         uvicorn.run(
-            create_app(settings), host=settings.host, port=settings.port, log_level="warning"
+            create_app(settings, head_supervisor=supervisor),
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
         )
+    except _Terminated:
+        pass
     finally:
+        for sig in previous:  # a second signal must not interrupt the cleanup
+            signal.signal(sig, signal.SIG_IGN)
         if head is not None:
             announce("stopping the local Ray head ...")
             head.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _embedded_head(settings, ray_cpus: int, announce):
+    """(settings pointing at the head, the head, its supervisor): the recorded head when it is
+    alive, else a new one. The process environment gets the head's auth token (Ray's job client
+    reads it there)."""
+    import dataclasses
+
+    from service.local_ray import HeadSupervisor, LocalRayHead
+
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    state_file, log_path = data_dir / "ray-head.json", data_dir / "ray-head.log"
+    replaced = None
+    recorded = state_file.exists()
+    head = LocalRayHead.adopt(state_file, log_path=log_path)
+    if head is not None:
+        announce(f"adopting the local Ray head left running (pid {head.pid}) with its jobs")
+    else:
+        if recorded:  # its jobs died with it: they move to a new attempt on the new head
+            replaced = "the local Ray head recorded in the data dir is gone"
+        head = LocalRayHead(
+            ray_cpus,
+            log_path=log_path,
+            state_file=state_file,
+            token_path=data_dir / "ray-auth-token",
+        )
+        announce(f"starting a local Ray head ({ray_cpus} logical CPUs) ...")
+        head.start()
+    os.environ.update(head.auth_env)
+    settings = dataclasses.replace(
+        settings,
+        ray_address=head.dashboard_url,
+        ray_dashboard_url=head.dashboard_url,
+        # The jobs run this interpreter's `-m jobs` unless TOPK_JOB_PYTHON names another.
+        job_python=settings.job_python if os.environ.get("TOPK_JOB_PYTHON") else sys.executable,
+        # Jobs larger than this head are refused at submission, not queued forever.
+        cluster_max_cpus=settings.cluster_max_cpus or float(head.num_cpus),
+        cluster_max_gpus=settings.cluster_max_gpus or 0.0,
+    )
+    return settings, head, HeadSupervisor(head, replaced_reason=replaced, announce=announce)
 
 
 def run_token_create(args) -> int:
@@ -196,6 +272,100 @@ def run_token_create(args) -> int:
         return _fail(f"cannot write the token to {_redact(settings.database_url)}: {exc}")
     print(f"created a token for {args.name} (store it now; it is not shown again): {token}")
     return 0
+
+
+def _token_settings(args):
+    """The settings of the database the server uses (environment and --data-dir); raises
+    ValueError naming a bad variable."""
+    from service.settings import Settings
+
+    return Settings.from_env(data_dir=args.data_dir and _path(args.data_dir))
+
+
+def _token_store(settings):
+    """The migrated Store of `settings`' database (raises when it cannot be reached)."""
+    from service.db import Store
+
+    if settings.is_sqlite:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store.from_url(settings.database_url)
+    store.migrate()
+    return store
+
+
+def _utc(timestamp: float | None) -> str:
+    from datetime import UTC, datetime
+
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def run_token_list(args) -> int:
+    try:
+        settings = _token_settings(args)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    try:
+        tokens = _token_store(settings).list_tokens()
+    except Exception as exc:  # database unreachable
+        return _fail(f"cannot read the tokens in {_redact(settings.database_url)}: {exc}")
+    if not tokens:
+        print("no tokens")
+        return 0
+    header = ("ID", "OWNER", "CREATED", "REVOKED")
+    rows = [(t.id, t.owner, _utc(t.created_at), _utc(t.revoked_at)) for t in tokens]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def run_token_revoke(args) -> int:
+    try:
+        settings = _token_settings(args)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    try:
+        return _revoke(_token_store(settings), args.target, args.target_kind)
+    except Exception as exc:  # database unreachable
+        return _fail(f"cannot revoke tokens in {_redact(settings.database_url)}: {exc}")
+
+
+def _revoke(store, target: str, kind: str | None) -> int:
+    """Revoke `target`: an owner (all their live tokens) or a token id (or a longer prefix of
+    the token's hash); `kind` ("owner" | "id" | None) says which when it could be both."""
+    import re
+
+    tokens = store.list_tokens()
+    owned = [t for t in tokens if t.owner == target] if kind != "id" else []
+    by_id = []
+    if kind != "owner" and re.fullmatch(r"[0-9a-fA-F]{8,64}", target):
+        by_id = [t for t in tokens if t.token_hash.startswith(target.lower())]
+    if owned and by_id:
+        return _fail(f"{target!r} is both an owner and a token id: add --owner or --id", 2)
+    if owned:
+        live = [t.token_hash for t in owned if t.revoked_at is None]
+        count = store.revoke_tokens(live)
+        if count == 0:
+            print(f"{target} has no live tokens (nothing to revoke)")
+        else:
+            print(f"revoked {count} token{'s' if count != 1 else ''} of {target}")
+        return 0
+    if len(by_id) > 1:
+        return _fail(f"{len(by_id)} tokens have ids starting {target!r}: give more of it", 2)
+    if by_id:
+        (token,) = by_id
+        if store.revoke_tokens([token.token_hash]) == 0:
+            when = f" at {_utc(token.revoked_at)} UTC" if token.revoked_at is not None else ""
+            print(f"token {token.id} of {token.owner} was already revoked{when}")
+        else:
+            print(f"revoked token {token.id} of {token.owner}")
+        return 0
+    what = {"owner": "no owner", "id": "no token id"}.get(kind or "", "no owner and no token id")
+    return _fail(f"{what} {target!r} (see `topk token list`)")
 
 
 def _path(text: str):

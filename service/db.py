@@ -175,6 +175,22 @@ class EventRow:
     at: float
 
 
+TOKEN_ID_LENGTH = 12
+"""A token's public id is the start of its sha256 (hex): safe to show, since the token itself
+is 256 random bits, and long enough (48 bits) that two tokens of one service never share it."""
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A token as `topk token list` shows it: never the token, only its public id."""
+
+    id: str
+    owner: str
+    created_at: float
+    revoked_at: float | None
+    token_hash: str
+
+
 @dataclass(frozen=True)
 class NewJob:
     """A validated submission, to be recorded as a queued job."""
@@ -393,6 +409,40 @@ class Store:
                 .where(tokens.c.token_hash == hash_token(token), tokens.c.revoked_at.is_(None))
             ).first()
         return (row.id, row.name) if row else None
+
+    def list_tokens(self) -> list[TokenInfo]:
+        """Every token, revoked ones included, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(
+                    tokens.c.token_hash, owners.c.name, tokens.c.created_at, tokens.c.revoked_at
+                )
+                .join(owners, tokens.c.owner_id == owners.c.id)
+                .order_by(tokens.c.created_at, tokens.c.token_hash)
+            ).all()
+        return [
+            TokenInfo(
+                id=row.token_hash[:TOKEN_ID_LENGTH],
+                owner=row.name,
+                created_at=row.created_at,
+                revoked_at=row.revoked_at,
+                token_hash=row.token_hash,
+            )
+            for row in rows
+        ]
+
+    def revoke_tokens(self, token_hashes: Iterable[str]) -> int:
+        """Revoke these tokens (by sha256) now; returns how many were live until now. The API
+        refuses a revoked token within `TokenCache.ttl_s` (service/app.py)."""
+        hashes = list(token_hashes)
+        if not hashes:
+            return 0
+        with self._write() as conn:
+            return conn.execute(
+                tokens.update()
+                .where(tokens.c.token_hash.in_(hashes), tokens.c.revoked_at.is_(None))
+                .values(revoked_at=self.clock())
+            ).rowcount
 
     # -- jobs ---------------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 The entrypoint is built here from values the service generated or validated (python executable
 from settings, job kind, the spec URL the service wrote, the job id, the checked storage root),
-each shlex-quoted; no user text reaches a shell or `runtime_env`. Token auth for local clusters
+each shlex-quoted; no user text reaches a shell or `runtime_env`. The job's environment carries
+the service's URL limits (`build_job_env`), so its workers open only what a submission may name,
+whatever the Ray head's own environment says. Token auth for local clusters
 comes from the process environment (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH), read by Ray's
 own client.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import shlex
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -41,6 +43,18 @@ def build_entrypoint(
     argv = [*shlex.split(python), "-m", "jobs", kind, "--spec", spec_url, "--run-name", run_name]
     argv += ["--storage", storage_root]
     return shlex.join(argv)
+
+
+def build_job_env(
+    *, allowed_protocols: Sequence[str], allowed_roots: Sequence[str] | None
+) -> dict[str, str]:
+    """The environment variables a job runs with: the URL limits the service validated the spec
+    with, read by jobs.data.urls.check_url in the job's driver and every worker. Both are always
+    set (an empty TOPK_ALLOWED_ROOTS: no local root limit)."""
+    return {
+        "TOPK_ALLOWED_PROTOCOLS": ",".join(allowed_protocols),
+        "TOPK_ALLOWED_ROOTS": ",".join(allowed_roots or ()),
+    }
 
 
 def submission_id_for(job_id: str, attempt: int) -> str:
@@ -80,14 +94,19 @@ class RayLauncher:
     def ping(self) -> None:
         self._call("get_version")
 
-    def submit(self, submission_id: str, entrypoint: str) -> None:
-        """Submit once; a submission id that Ray already knows counts as submitted."""
+    def submit(
+        self, submission_id: str, entrypoint: str, env: Mapping[str, str] | None = None
+    ) -> None:
+        """Submit once, with `env` as the job's environment variables (Ray hands a job's
+        runtime_env to its tasks and actors, the training workers included); a submission id
+        that Ray already knows counts as submitted."""
         try:
             self._call(
                 "submit_job",
                 entrypoint=entrypoint,
                 submission_id=submission_id,
                 metadata={"topk_submission": submission_id},
+                runtime_env={"env_vars": dict(env)} if env else None,
             )
         except LaunchError:
             if self.info(submission_id) is not None:

@@ -2,7 +2,8 @@
 
 Requests (count and latency by method, route template, status), launches, jobs by status (read
 from the database at scrape time, so every replica reports the same truth) and the reconciler's
-lag (seconds since its last completed pass).
+health: its lag (seconds since its last completed pass), failed passes (in a row and in all) and
+per-job errors.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 class ServiceMetrics:
@@ -61,14 +62,41 @@ class _StateCollector:
     def collect(self):
         store, reconciler = self.metrics._store, self.metrics._reconciler
         if store is not None:
-            family = GaugeMetricFamily("topk_jobs", "Jobs and sweeps by status", labels=["status"])
-            for status, count in store.count_by_status().items():
-                family.add_metric([status], count)
-            yield family
+            try:
+                counts = store.count_by_status()
+            except Exception:  # the database is down: the rest of the metrics still answer
+                counts = None
+            yield GaugeMetricFamily(
+                "topk_database_up",
+                "Whether the job counts could be read from the database",
+                value=0.0 if counts is None else 1.0,
+            )
+            if counts is not None:
+                family = GaugeMetricFamily(
+                    "topk_jobs", "Jobs and sweeps by status", labels=["status"]
+                )
+                for status, count in counts.items():
+                    family.add_metric([status], count)
+                yield family
         if reconciler is not None:
             lag = reconciler.lag_seconds()
             yield GaugeMetricFamily(
                 "topk_reconciler_lag_seconds",
                 "Seconds since the reconciler's last completed pass (-1: none yet)",
                 value=-1.0 if lag is None else lag,
+            )
+            yield GaugeMetricFamily(
+                "topk_reconciler_consecutive_failures",
+                "Reconciler passes that failed in a row (0: the last pass completed)",
+                value=reconciler.consecutive_failures,
+            )
+            yield CounterMetricFamily(
+                "topk_reconciler_failed_passes",
+                "Reconciler passes that failed",
+                value=reconciler.failed_passes,
+            )
+            yield CounterMetricFamily(
+                "topk_reconciler_job_errors",
+                "Unexpected errors while reconciling one job (the pass went on)",
+                value=reconciler.job_errors,
             )

@@ -25,6 +25,9 @@ class Settings:
     storage_url: str = ""
     allowed_protocols: tuple[str, ...] = ("file", "s3", "gs", "https", "memory")
     allowed_roots: tuple[str, ...] | None = None
+    # Hosts (bucket names for s3/gs) whose dataset.json the server may read while it answers a
+    # submission; the worker reads any other remote dataset at start-up (service/specs.py).
+    allowed_hosts: tuple[str, ...] = ()
     max_body_bytes: int = 1_048_576
     host: str = "127.0.0.1"
     port: int = 8000
@@ -47,6 +50,11 @@ class Settings:
             )
         if not self.storage_url:
             object.__setattr__(self, "storage_url", str((self.data_dir / "runs").absolute()))
+        local_storage = _local_path(self.storage_url)
+        if self.allowed_roots and local_storage and local_storage not in self.allowed_roots:
+            # Every job reads its spec.json and writes its run under the runs folder: allowed
+            # roots that leave it out would refuse every job in its worker.
+            object.__setattr__(self, "allowed_roots", (*self.allowed_roots, local_storage))
         if self.ray_dashboard_url is None and self.ray_address:
             object.__setattr__(self, "ray_dashboard_url", self.ray_address)
         if self.launch_mode not in LAUNCH_MODES:
@@ -98,12 +106,25 @@ class Settings:
             values["allowed_protocols"] = _split_list(env["TOPK_ALLOWED_PROTOCOLS"])
         if env.get("TOPK_ALLOWED_ROOTS"):
             values["allowed_roots"] = _split_list(env["TOPK_ALLOWED_ROOTS"])
+        if env.get("TOPK_ALLOWED_HOSTS"):
+            values["allowed_hosts"] = tuple(
+                host.lower().rstrip(".") for host in _split_list(env["TOPK_ALLOWED_HOSTS"])
+            )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def _local_path(url: str) -> str | None:
+    """The absolute local path of a local storage URL (a path or file://), else None."""
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    elif "://" in url:
+        return None
+    return os.path.abspath(os.path.expanduser(url))
 
 
 def _split_list(text: str) -> tuple[str, ...]:

@@ -4,6 +4,12 @@ Every URL a user typed goes through `check_url` before any I/O: `pipe:` (which r
 command in other WebDataset readers), chained URLs (`simplecache::s3://...`) and any protocol
 outside the allow-list are refused with a `ValueError`. This module does not import torch: the
 service imports it to validate specs.
+
+The process-wide limits come from the environment (TOPK_ALLOWED_PROTOCOLS, TOPK_ALLOWED_ROOTS, the
+variables the service sets on every job it launches) and apply inside `check_url` itself, and
+`open_url` checks every URL it opens: a URL that a worker finds on its own (a shard named by
+dataset.json, pretrained weights, a run file) meets the same limits as the submitted spec, however
+the caller reached it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,11 @@ from typing import IO, Any
 
 ALLOWED_PROTOCOLS: frozenset[str] = frozenset({"file", "s3", "gs", "gcs", "https", "memory"})
 """Protocols data and storage URLs may use. A URL without `scheme:` is a local path (`file`)."""
+
+PROTOCOLS_ENV = "TOPK_ALLOWED_PROTOCOLS"
+ROOTS_ENV = "TOPK_ALLOWED_ROOTS"
+"""Comma lists of the protocols and local roots this process may use (unset or empty: no limit
+beyond the caller's)."""
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 _BRACE_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -41,6 +52,18 @@ def _local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
+def url_limits_from_env() -> dict[str, list[str]]:
+    """The process-wide URL limits: {"allowed_protocols": [...], "allowed_roots": [...]} from
+    TOPK_ALLOWED_PROTOCOLS and TOPK_ALLOWED_ROOTS, each key present only when its variable
+    names something."""
+    limits: dict[str, list[str]] = {}
+    for key, env in (("allowed_protocols", PROTOCOLS_ENV), ("allowed_roots", ROOTS_ENV)):
+        parts = [part.strip() for part in os.environ.get(env, "").split(",") if part.strip()]
+        if parts:
+            limits[key] = parts
+    return limits
+
+
 def check_url(
     url: str,
     allowed_protocols: frozenset[str] | set[str] | tuple[str, ...] | list[str] = ALLOWED_PROTOCOLS,
@@ -51,6 +74,9 @@ def check_url(
     Local paths and `file://` URLs come back as absolute local paths (symlinks resolved);
     other URLs come back stripped of surrounding whitespace. `allowed_roots`, when given,
     restricts local paths to those folders (it does not apply to remote URLs).
+
+    The environment's limits (`url_limits_from_env`) apply on top: its protocols narrow
+    `allowed_protocols`, and its roots apply when the caller gives none.
 
     Raises ValueError naming the URL and the reason: empty, `pipe:`, chained (`::`),
     a protocol outside `allowed_protocols`, or a local path outside `allowed_roots`.
@@ -67,17 +93,21 @@ def check_url(
     if "\x00" in url:
         raise ValueError(f"refused URL {url!r}: contains a NUL byte")
     protocol = url_protocol(url)
+    process_limits = url_limits_from_env()
     allowed = {p.lower() for p in allowed_protocols}
+    if "allowed_protocols" in process_limits:
+        allowed &= {p.lower() for p in process_limits["allowed_protocols"]}
     if protocol not in allowed:
         raise ValueError(
             f"refused URL {url!r}: protocol {protocol!r} is not allowed "
-            f"(allowed: {', '.join(sorted(allowed))})"
+            f"(allowed: {', '.join(sorted(allowed)) or 'none'})"
         )
     if protocol != "file":
         if not url.lower().startswith(f"{protocol}://") or len(url) <= len(protocol) + 3:
             raise ValueError(f"refused URL {url!r}: expected {protocol}://<location>")
         return url
     path = os.path.realpath(os.path.expanduser(_local_path(url)))
+    allowed_roots = allowed_roots or process_limits.get("allowed_roots")
     if allowed_roots:
         roots = [os.path.realpath(os.path.expanduser(root)) for root in allowed_roots]
         if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
@@ -199,12 +229,14 @@ def filesystem_for(url: str, **storage_options: Any) -> tuple[Any, str]:
 
 
 def open_url(url: str, mode: str = "rb", **storage_options: Any) -> IO[bytes]:
-    """Open a checked URL for streaming reads (or writes with mode "wb").
+    """Open a URL for streaming reads (or writes with mode "wb").
 
-    Call `check_url` first on anything a user typed. Local files use a plain buffered file; other
-    protocols go through fsspec with a read-ahead cache of large blocks. Raises
+    The URL passes `check_url` under the process-wide limits first (a caller with its own
+    limits checks with them before). Local files use a plain buffered file; other protocols go
+    through fsspec with a read-ahead cache of large blocks. Raises ValueError for a refused URL,
     FileNotFoundError for a missing object (the message names the URL).
     """
+    url = check_url(url)
     if is_local(url):
         path = _local_path(url)
         if "w" in mode:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -41,15 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def url_limits_from_env() -> dict[str, Any]:
     """The URL allow-list the service uses (TOPK_ALLOWED_PROTOCOLS, TOPK_ALLOWED_ROOTS)."""
-    limits: dict[str, Any] = {}
-    for key, env in (
-        ("allowed_protocols", "TOPK_ALLOWED_PROTOCOLS"),
-        ("allowed_roots", "TOPK_ALLOWED_ROOTS"),
-    ):
-        value = os.environ.get(env, "").strip()
-        if value:
-            limits[key] = [part.strip() for part in value.split(",") if part.strip()]
-    return limits
+    from jobs.data.urls import url_limits_from_env as from_env
+
+    return dict(from_env())
 
 
 def run_validate(args: argparse.Namespace) -> int:

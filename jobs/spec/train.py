@@ -60,6 +60,11 @@ class SpecError(ValueError):
         self.problems = list(problems)
         super().__init__("\n".join(f"{path}: {message}" for path, message in self.problems))
 
+    def __reduce__(self) -> tuple[type[SpecError], tuple[list[tuple[str, str]]]]:
+        # Built again from the problems, not from the message: Ray pickles (and Tune copies) a
+        # trial's error, and SpecError(message) would split the message into characters.
+        return type(self), (self.problems,)
+
 
 def format_path(loc: Iterable[str | int]) -> str:
     """("data", "train", 1) -> "data.train[1]"; the path the user typed."""
@@ -303,7 +308,39 @@ class TrainSpec(BaseModel):
         problems = []
         for path, url in urls:
             try:
-                check_url(url, **limits)
+                checked = check_url(url, **limits)
             except ValueError as exc:
                 problems.append((path, str(exc)))
+                continue
+            if path == "storage" and (problem := _storage_problem(checked)):
+                problems.append((path, problem))
         return problems
+
+
+_READ_ONLY_PROTOCOLS = frozenset({"http", "https"})
+
+
+def _storage_problem(url: str) -> str | None:
+    """Why runs cannot be written under the (checked) storage root `url`, when that is cheap to
+    tell: a read-only protocol, or a local path that is (or lies under) a regular file, or
+    whose nearest existing folder is not writable. One stat per level, no listing."""
+    import os
+
+    from jobs.data.urls import is_local, url_protocol
+
+    if url_protocol(url) in _READ_ONLY_PROTOCOLS:
+        return f"{url_protocol(url)}:// storage is read-only: runs are written there"
+    if not is_local(url):
+        return None
+    path = url
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    if not os.path.isdir(path):
+        where = "is" if path == url else f"lies under {path}, which is"
+        return f"{url} {where} a file, not a folder: runs cannot be written there"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable: runs cannot be written under {url}"
+    return None

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from jobs.data.urls import PROTOCOLS_ENV, ROOTS_ENV
 from jobs.spec.io import resolve_class_counts
 from jobs.spec.train import TrainSpec
 from jobs.training.storage import (
@@ -92,9 +93,13 @@ def build_trainer(
         checkpoint_score_attribute=spec.metrics.select if has_val else None,
         checkpoint_score_order=spec.metrics.mode,
     )
-    worker_env = {}
-    if os.environ.get(FAULT_INJECTION_ENV):
-        worker_env[FAULT_INJECTION_ENV] = os.environ[FAULT_INJECTION_ENV]
+    # The URL limits go to the workers explicitly: a Ray job's runtime_env reaches them anyway,
+    # but a driver attached to a running cluster (--address) has its own environment.
+    worker_env = {
+        name: os.environ[name]
+        for name in (FAULT_INJECTION_ENV, PROTOCOLS_ENV, ROOTS_ENV)
+        if os.environ.get(name)
+    }
     run_config = ray.train.RunConfig(
         name=RAY_RUN_FOLDER,
         storage_path=storage_path,

@@ -57,6 +57,13 @@ def _check_protocol(url: str) -> None:
     check_url(url)
 
 
+def _filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem and path for `url`, which passes the process's URL limits first
+    (every run file a worker opens meets the limits its spec was checked with)."""
+    _check_protocol(url)
+    return fsspec.core.url_to_fs(url)
+
+
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
@@ -67,6 +74,7 @@ def ray_storage(root_url: str) -> tuple[str, Any]:
     Local folders and the protocols pyarrow speaks natively (s3, gs) go as they are; any other
     fsspec protocol goes through pyarrow's FSSpecHandler with the protocol stripped.
     """
+    _check_protocol(root_url)
     if "://" not in root_url:
         return root_url, None
     protocol = root_url.split("://", 1)[0]
@@ -81,7 +89,7 @@ def ray_storage(root_url: str) -> tuple[str, Any]:
 def write_text(url: str, text: str) -> None:
     """Replace the file at `url` with `text`; local files are swapped in atomically so that a
     reader never sees half a file."""
-    filesystem, path = fsspec.core.url_to_fs(url)
+    filesystem, path = _filesystem(url)
     parent = path.rsplit("/", 1)[0]
     if parent:
         filesystem.makedirs(parent, exist_ok=True)
@@ -97,7 +105,7 @@ def write_text(url: str, text: str) -> None:
 
 def read_text(url: str) -> str | None:
     """The file's text, or None when it does not exist."""
-    filesystem, path = fsspec.core.url_to_fs(url)
+    filesystem, path = _filesystem(url)
     try:
         with filesystem.open(path, "r", encoding="utf-8") as handle:
             return handle.read()

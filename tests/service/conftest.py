@@ -3,11 +3,12 @@ SQLite files and a fresh PostgreSQL database per test session."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
 
 import pytest
-from service_harness import ServerProcess
+from service_harness import Serve, ServerProcess
 
 from service.db import Store
 from service.local_ray import LocalRayHead
@@ -49,14 +50,16 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture
 def make_server(tmp_path) -> Iterator:
-    """Factory: make_server(**TOPK settings) -> (ServerProcess, Store) sharing one database.
-    Every server started through it is stopped at the end of the test."""
+    """Factory: make_server(database_url, env=..., **TOPK settings) -> (ServerProcess, Store)
+    sharing one database; `env` adds other variables (a Ray head's `auth_env`). Every server
+    started through it is stopped at the end of the test."""
     servers: list[ServerProcess] = []
     stores: list[Store] = []
 
-    def make(database_url: str | None = None, **settings: str):
+    def make(database_url: str | None = None, env: dict[str, str] | None = None, **settings):
         data_dir = tmp_path / f"data{len(servers)}"
         env = {
+            **(env or {}),
             "TOPK_DATA_DIR": str(data_dir),
             "TOPK_RECONCILE_INTERVAL_S": "0.5",
             **{f"TOPK_{key.upper()}": str(value) for key, value in settings.items()},
@@ -76,3 +79,25 @@ def make_server(tmp_path) -> Iterator:
         server.stop()
     for store in stores:
         store.close()
+
+
+@pytest.fixture
+def serve(tmp_path) -> Iterator:
+    """Factory: serve(ray_cpus=2, **env) -> Serve, `topk serve` with its own Ray head on a data dir under
+    tmp_path. At the end every server is stopped, and any head it left behind too."""
+    servers: list[Serve] = []
+
+    def make(*, ray_cpus: int = 2, **env: str) -> Serve:
+        server = Serve(tmp_path, ray_cpus=ray_cpus, **env)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.terminate()
+        state_file = server.data_dir / "ray-head.json"
+        if state_file.exists():
+            head = LocalRayHead.adopt(state_file)
+            if head is not None:
+                head.stop()

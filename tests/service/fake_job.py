@@ -6,16 +6,24 @@ behaves as the spec's `name` asks:
 - name starting "sleep<N>": run N seconds (one epoch per second) before succeeding;
 - "flaky": the first attempt exits 1 without result.json (an infrastructure-like death),
   the next one succeeds;
-- "userfail": write result.json {"status": "failed"} and exit 1.
+- "userfail": write result.json {"status": "failed"} and exit 1;
+- "specfail": refuse the spec as `python -m jobs` does (field-path lines on stderr, exit 2).
+
+Like the real entrypoint it checks its spec URL and storage root against the process's URL
+limits (jobs.data.urls.check_url, TOPK_ALLOWED_*), exiting 2 when refused, and it records the
+limits it was given in ROOT/RUN/env.json.
 
 Invoked as: python fake_job.py -m jobs {train|sweep} --spec URL --run-name RUN --storage ROOT
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+from jobs.data.urls import check_url
 
 parser = argparse.ArgumentParser()
 parser.add_argument("-m")
@@ -25,14 +33,31 @@ parser.add_argument("--run-name", required=True)
 parser.add_argument("--storage", required=True)
 args = parser.parse_args()
 
+try:
+    check_url(args.spec)
+    check_url(args.storage)
+except ValueError as exc:
+    print(f"error: cannot read spec {args.spec}: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
 run_dir = Path(args.storage) / args.run_name
+limits = {name: os.environ.get(name) for name in ("TOPK_ALLOWED_PROTOCOLS", "TOPK_ALLOWED_ROOTS")}
+(run_dir / "env.json").write_text(json.dumps(limits))
 spec = json.loads((run_dir / "spec.json").read_text())
 name = (spec.get("train", spec) if args.kind == "sweep" else spec).get("name") or ""
 print(f"fake job {args.run_name} starting ({args.kind}, name={name!r})", flush=True)
 with open(run_dir / "attempts.log", "a") as log:
     log.write(f"{time.time()}\n")
 attempts = len((run_dir / "attempts.log").read_text().splitlines())
+# Which Ray submission started this driver (the launcher's metadata): the crash tests count them.
+job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+submission = (job_config.get("metadata") or {}).get("topk_submission", "?")
+with open(run_dir / "submissions.log", "a") as log:
+    log.write(f"{submission}\n")
 
+if name == "specfail":
+    print(f"{args.spec}: invalid spec (1 problem(s)):", file=sys.stderr)
+    print("  loss.k: k + 1 must be at most data.num_classes", file=sys.stderr, flush=True)
+    sys.exit(2)
 if name == "flaky" and attempts == 1:
     print("simulated node loss", flush=True)
     sys.exit(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -103,3 +104,80 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.3, message: s
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message or predicate}")
+
+
+class Serve:
+    """`topk serve --data-dir D` as a subprocess (the README's command), restartable."""
+
+    def __init__(self, tmp_path: Path, *, ray_cpus: int = 2, **env: str):
+        self.ray_cpus = ray_cpus
+        self.data_dir = tmp_path / "data"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / "serve.log"
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("TOPK_", "RAY_"))}
+        self.env = {
+            **base,
+            "TOPK_JOB_PYTHON": f"{sys.executable} {FAKE_JOB}",
+            "TOPK_RECONCILE_INTERVAL_S": "0.5",
+            "TOPK_RETRY_BACKOFF_S": "0.5",
+            **env,
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self, **extra_env: str) -> Serve:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
+                 "--data-dir", str(self.data_dir), "--ray-cpus", str(self.ray_cpus)],
+                cwd=REPO, env={**self.env, **extra_env}, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        wait_for(self._ready, 150, interval=1.0, message=f"serve to be ready:\n{self.output()}")
+        return self
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"serve exited ({self.process.returncode}):\n{self.output()}")
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200
+        return False
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def head_state(self) -> dict:
+        return json.loads((self.data_dir / "ray-head.json").read_text())
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def terminate(self, sig: int = signal.SIGTERM) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        return self.process.wait(90)
+
+    def client(self, token: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+
+
+def token_for(server: Serve, owner: str = "alice") -> str:
+    """A new token for `owner` in the database of `topk serve`'s data dir."""
+    from service.db import Store
+
+    store = Store.from_url(f"sqlite:///{server.data_dir / 'topk.db'}")
+    try:
+        store.migrate()
+        return store.create_token(owner)
+    finally:
+        store.close()
+
+
+def driver_starts(server: Serve, job_id: str) -> list[str]:
+    """The Ray submissions that started this job's driver, one per start, over every head that
+    ever ran (the fake job appends them to its run folder)."""
+    log = server.data_dir / "runs" / job_id / "submissions.log"
+    return log.read_text().split() if log.exists() else []

@@ -52,7 +52,9 @@ def wait_terminal(http, collection: str, job_id: str, timeout: float) -> dict:
 
 @pytest.mark.slow
 def test_real_training_job_and_sweep_through_the_api(make_server, ray_head, shards):
-    server, store = make_server(ray_address=ray_head.dashboard_url, job_python=sys.executable)
+    server, store = make_server(
+        env=ray_head.auth_env, ray_address=ray_head.dashboard_url, job_python=sys.executable
+    )
     server.start()
     token = store.create_token("alice")
     job_spec = small_spec(shards, "e2e-imbalanced", {"name": "noised_topk_imbalanced", "k": 3})

@@ -28,6 +28,7 @@ def ray_server(make_server, ray_head):
     def make(database_url: str | None = None, **settings):
         return make_server(
             database_url,
+            env=ray_head.auth_env,
             ray_address=ray_head.dashboard_url,
             job_python=f"{sys.executable} {FAKE_JOB}",
             retry_backoff_s="0.5",
@@ -40,7 +41,7 @@ def ray_server(make_server, ray_head):
 def ray_submissions(ray_head, job_id: str) -> list[str]:
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(ray_head.dashboard_url)
+    client = JobSubmissionClient(ray_head.dashboard_url, headers=ray_head.auth_headers)
     return sorted(
         job.submission_id
         for job in client.list_jobs()
@@ -143,7 +144,7 @@ def test_cancel_stops_the_ray_job_and_keeps_the_run_folder(ray_server, ray_head,
         cancelled = http.post(f"/v1/jobs/{job['id']}/cancel").json()
         assert cancelled["status"] == "cancelled"
         assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
-    client = JobSubmissionClient(ray_head.dashboard_url)
+    client = JobSubmissionClient(ray_head.dashboard_url, headers=ray_head.auth_headers)
     wait_for(
         lambda: str(client.get_job_status(running["submission_id"]).value) == "STOPPED",
         30, message="the Ray job to stop",
@@ -345,22 +346,20 @@ def test_autoscaling_limit_admits_jobs_larger_than_the_current_cluster(ray_serve
 
 
 def test_a_job_lost_with_its_cluster_is_relaunched_on_the_new_one(make_server, tmp_path):
-    """The head is replaced (same address, empty job table): the running job vanished, so it is
-    an infrastructure failure and attempt 2 runs on the new cluster."""
-    ports = {"gcs_port": free_port(), "dashboard_port": free_port()}
-    first = LocalRayHead(2, log_path=tmp_path / "head1.log", **ports)
-    address = first.start()
-    server, store = make_server(ray_address=address, job_python=f"{sys.executable} {FAKE_JOB}",
+    """The head is replaced (same address and token, empty job table): the running job
+    vanished, so it is an infrastructure failure and attempt 2 runs on the new cluster."""
+    head = LocalRayHead(2, log_path=tmp_path / "head.log", token_path=tmp_path / "ray-token")
+    address = head.start()
+    server, store = make_server(env=head.auth_env, ray_address=address,
+                                job_python=f"{sys.executable} {FAKE_JOB}",
                                 retry_backoff_s="0.5")  # fmt: skip
     server.start()
     token = store.create_token("alice")
-    second = LocalRayHead(2, log_path=tmp_path / "head2.log", **ports)
     try:
         with client_for(server, token) as http:
             job = http.post("/v1/jobs", json=tiny_spec("sleep30")).json()
             wait_status(http, job["id"], ("running",))
-            first.stop()
-            second.start()
+            assert head.restart() == address
             relaunched = wait_for(
                 lambda: (j := http.get(f"/v1/jobs/{job['id']}").json())["attempts"] == 2
                 and j["status"] == "running" and j,
@@ -370,5 +369,4 @@ def test_a_job_lost_with_its_cluster_is_relaunched_on_the_new_one(make_server, t
             assert any("vanished" in reason for reason in reasons), reasons
             http.post(f"/v1/jobs/{job['id']}/cancel")
     finally:
-        first.stop()
-        second.stop()
+        head.stop()

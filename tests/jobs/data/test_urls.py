@@ -7,7 +7,14 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from jobs.data.urls import MAX_BRACE_URLS, check_url, count_braces, expand_braces, missing_urls
+from jobs.data.urls import (
+    MAX_BRACE_URLS,
+    check_url,
+    count_braces,
+    expand_braces,
+    missing_urls,
+    open_url,
+)
 from jobs.spec.data import DataSpec
 
 
@@ -62,6 +69,35 @@ def test_allowed_roots_confine_local_paths_even_through_symlinks(tmp_path):
             check_url(url, allowed_roots=roots)
     # remote URLs are not subject to local roots
     assert check_url("s3://b/x", allowed_roots=roots) == "s3://b/x"
+
+
+def test_the_environments_limits_apply_to_every_check_and_open(tmp_path, monkeypatch):
+    """TOPK_ALLOWED_ROOTS applies where the caller names no roots (a caller's own roots win);
+    TOPK_ALLOWED_PROTOCOLS narrows the caller's protocols; open_url checks what it opens."""
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "x.tar").write_bytes(b"data")
+    (inside / "x.tar").write_bytes(b"data")
+    monkeypatch.setenv("TOPK_ALLOWED_ROOTS", str(inside))
+    monkeypatch.setenv("TOPK_ALLOWED_PROTOCOLS", "file,s3")
+    assert check_url(str(inside / "x.tar")) == str(inside / "x.tar")
+    with pytest.raises(ValueError, match="outside the allowed roots"):
+        check_url(str(inside / ".." / "outside" / "x.tar"))
+    assert check_url(str(outside / "x.tar"), allowed_roots=[str(outside)]) == str(outside / "x.tar")
+    with pytest.raises(ValueError, match=r"protocol 'https' is not allowed \(allowed: file, s3\)"):
+        check_url("https://host/x.tar")
+    with pytest.raises(ValueError, match=r"protocol 's3' is not allowed \(allowed: file\)"):
+        check_url("s3://b/x.tar", allowed_protocols={"file", "https"})
+    with pytest.raises(ValueError, match="outside the allowed roots"):
+        open_url(str(outside / "x.tar"))
+    with pytest.raises(ValueError, match="outside the allowed roots"):
+        open_url(str(outside / "new.tar"), "wb")
+    assert not (outside / "new.tar").exists()
+    with open_url(f"file://{inside}/x.tar") as handle:
+        assert handle.read() == b"data"
+    monkeypatch.setenv("TOPK_ALLOWED_ROOTS", "")  # empty: no root limit
+    assert check_url(str(outside / "x.tar")) == str(outside / "x.tar")
 
 
 def test_expand_braces():

@@ -213,6 +213,17 @@ def test_spec_error_carries_paths_and_reads_as_lines():
     assert format_path(("data", "train", 2, "x")) == "data.train[2].x"
 
 
+def test_spec_error_survives_pickling_and_copying():
+    """Ray pickles a sweep trial's error and Tune copies it: the problems must come back."""
+    import copy
+    import pickle
+
+    err = SpecError([("loss.class_counts", "needs counts")])
+    for again in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
+        assert isinstance(again, SpecError) and again.problems == err.problems
+        assert str(again) == "loss.class_counts: needs counts"
+
+
 def test_importing_the_spec_modules_does_not_import_torch_or_ray():
     code = (
         "import sys\n"

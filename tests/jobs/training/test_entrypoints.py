@@ -78,3 +78,31 @@ def test_topk_train_runs_a_spec_and_prints_each_epoch(
     assert "epoch 1/2" in out and "epoch 2/2" in out and "val_top5" in out
     result = json.loads((tmp_path / "runs" / "cli-run" / "result.json").read_text())
     assert result["status"] == "succeeded" and result["epochs"] == 2
+
+
+def test_counts_that_cannot_be_read_at_start_up_fail_the_run_with_the_reason(tmp_path):
+    """The service accepts a job whose dataset.json it may not read (a remote host outside
+    TOPK_ALLOWED_HOSTS); the worker resolves the counts at start-up. When it cannot, result.json
+    says why, so the service fails the job with that reason instead of retrying it as an
+    infrastructure failure."""
+    spec = {
+        "data": {"train": str(tmp_path / "absent" / "train-{000..001}.tar"), "num_classes": 10},
+        "loss": {"name": "ldam"},
+        "metrics": {"select": "train_loss", "mode": "min"},
+        "epochs": 1,
+    }
+    storage = tmp_path / "runs"
+    done = _python_m_jobs(
+        "train", "--spec", _write(tmp_path / "spec.yaml", spec), "--run-name", "job-1",
+        "--storage", str(storage), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "loss.class_counts:" in done.stderr
+    result = json.loads((storage / "job-1" / "result.json").read_text())
+    assert result["status"] == "failed"
+    assert result["error"].startswith("invalid spec: loss.class_counts: loss 'ldam' needs")
+    # without --storage (a run from a shell, not the service) nothing is written
+    done = _python_m_jobs(
+        "train", "--spec", str(tmp_path / "spec.yaml"), "--run-name", "job-2", cwd=tmp_path
+    )
+    assert done.returncode == 2 and not (tmp_path / ".topk").exists()

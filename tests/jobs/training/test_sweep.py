@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from jobs.spec.io import parse_sweep_spec, parse_train_spec
 from jobs.sweep import format_trial_table, run_sweep
@@ -64,3 +69,59 @@ def test_a_four_trial_asha_sweep_returns_a_valid_best_config(
     table = format_trial_table(summary)
     assert "loss.epsilon" in table and "optim.lr" in table and "val_top5" in table
     assert len(table.splitlines()) == 1 + 4 + 1
+
+
+def test_a_sweep_whose_trials_all_fail_for_the_spec_records_a_failed_result(
+    ray_cluster, omniglot_dataset, omniglot_spec, tmp_path
+):
+    """Each trial switches to a loss that needs class counts, which the shards' folder (no
+    dataset.json) cannot give: a user error in every trial, so result.json says "failed" (the
+    service then fails the job instead of relaunching it as an infrastructure failure)."""
+    dataset_json = Path(omniglot_dataset)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard in json.loads(dataset_json.read_text())["splits"]["train"]["shards"]:
+        (shards / shard["path"]).write_bytes((dataset_json.parent / shard["path"]).read_bytes())
+    train = omniglot_spec(omniglot_dataset, epochs=1, scaling={"num_workers": 1})
+    train["data"]["train"] = [str(path) for path in sorted(shards.iterdir())]
+    train["loss"] = {"name": "cross_entropy"}
+    sweep = parse_sweep_spec(
+        {
+            "train": train,
+            "search": {"loss.name": {"grid": ["ldam", "logit_adjusted"]}},
+            "scheduler": {"name": "fifo"},
+        }
+    )
+    with pytest.raises(RuntimeError, match="loss.class_counts") as caught:
+        run_sweep(sweep, "sweep", storage=str(tmp_path / "runs"))
+    result = json.loads((tmp_path / "runs" / "sweep" / "result.json").read_text())
+    assert result["status"] == "failed" and result["error"] == str(caught.value)
+    summary = json.loads((tmp_path / "runs" / "sweep" / "sweep.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["error", "error"]
+
+
+def test_a_sweep_whose_trial_lost_its_worker_is_left_to_be_retried(
+    omniglot_dataset, omniglot_spec, tmp_path
+):
+    """A worker killed mid-epoch (no failure budget) is the cluster's failure, not the spec's:
+    `python -m jobs sweep` exits 1 without result.json, so the service relaunches it."""
+    marker = tmp_path / "kill-once"
+    marker.write_text("")
+    train = omniglot_spec(omniglot_dataset, epochs=1, scaling={"num_workers": 1})
+    sweep = {
+        "train": train,
+        "search": {"optim.lr": {"grid": [0.01]}},
+        "scheduler": {"name": "fifo"},
+    }
+    spec_file = tmp_path / "sweep.yaml"
+    spec_file.write_text(yaml.safe_dump(sweep))
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs", "sweep", "--spec", str(spec_file), "--run-name", "sweep",
+         "--storage", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "TOPK_TEST_KILL_WORKER": f"0:1:{marker}"},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert not marker.exists()  # the worker was killed
+    assert (tmp_path / "runs" / "sweep" / "sweep.json").exists()
+    assert not (tmp_path / "runs" / "sweep" / "result.json").exists()
