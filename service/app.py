@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,12 +35,11 @@ from service.reconciler import Reconciler, crash_point
 from service.settings import Settings
 from service.specs import (
     InvalidSpec,
-    check_spec,
-    complete_spec,
-    needs_dataset_read,
     parse_json_document,
     spec_model,
+    validate_spec,
 )
+from service.web import install_pages
 
 log = logging.getLogger("topk.service")
 
@@ -109,6 +109,10 @@ class JobPage(BaseModel):
 class MetricsHistory(BaseModel):
     job_id: str
     epochs: list[dict[str, Any]]
+
+
+class TrialMetricsHistory(MetricsHistory):
+    trial_id: str
 
 
 # -- dependencies ------------------------------------------------------------------------------
@@ -252,6 +256,9 @@ def create_app(
         version="1",
         description="Train image classifiers with stochastic top-K losses on Ray.",
         lifespan=lifespan,
+        # /docs is served from the package (service/web.py), not from a CDN; /redoc is off.
+        docs_url=None,
+        redoc_url=None,
         responses={
             401: {"model": ErrorBody, "description": "Missing or invalid token"},
             422: {"model": ErrorBody, "description": "Invalid input"},
@@ -264,6 +271,7 @@ def create_app(
     app.include_router(_jobs_router("train", "/v1/jobs"))
     app.include_router(_jobs_router("sweep", "/v1/sweeps"))
     _install_openapi_bodies(app)
+    install_pages(app)
     return app
 
 
@@ -354,14 +362,11 @@ def _jobs_router(kind: str, prefix: str) -> APIRouter:
 
         settings = services.settings
         try:
-            # Validation is CPU work under the GIL wherever it runs: on the event loop it costs
-            # no thread hop. Only reading a dataset.json (local, or on an allowed host) goes to a
-            # thread.
-            model = check_spec(kind, body, settings)
-            if needs_dataset_read(model, settings):
-                validated = await run_in_threadpool(complete_spec, kind, model, settings)
-            else:
-                validated = complete_spec(kind, model, settings)
+            # Off the event loop: validation touches the file system (local paths are resolved,
+            # the storage root is checked, a dataset.json may be read), and a slow or hung
+            # mount must not stop /healthz. Its work is bounded: the body is at most
+            # TOPK_MAX_BODY_BYTES, brace patterns are counted before anything is expanded.
+            validated = await run_in_threadpool(validate_spec, kind, body, settings)
         except InvalidSpec as exc:
             errors = [{"field": path, "message": message} for path, message in exc.problems]
             raise ApiError(422, "invalid_spec", f"invalid {noun} spec: {exc}", errors) from None
@@ -442,7 +447,28 @@ def _jobs_router(kind: str, prefix: str) -> APIRouter:
     def job_metrics(job_id: str, services: ServicesDep, owner: OwnerDep) -> MetricsHistory:
         """Per-epoch metrics, one entry per finished epoch (from the run's metrics.jsonl)."""
         job = load(services, owner, job_id)
-        return MetricsHistory(job_id=job.id, epochs=_read_metrics(job))
+        return MetricsHistory(job_id=job.id, epochs=_read_metrics(job, job.id))
+
+    if kind == "sweep":
+
+        @router.get(
+            "/{job_id}/trials/{trial_id}/metrics",
+            response_model=TrialMetricsHistory,
+            responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+            name="sweep_trial_metrics",
+        )
+        def trial_metrics(
+            job_id: str, trial_id: str, services: ServicesDep, owner: OwnerDep
+        ) -> TrialMetricsHistory:
+            """Per-epoch metrics of one trial of the sweep's trial table (`trials[].trial_id`),
+            from the trial's own run (ROOT/RUN/trials/trial-<trial_id>/metrics.jsonl)."""
+            job = load(services, owner, job_id)
+            if trial_id not in _trial_ids(job):
+                raise ApiError(404, "not_found", f"no trial {trial_id!r} in sweep {job_id!r}")
+            trial_run = run_storage.trial_run_name(job.id, trial_id)
+            return TrialMetricsHistory(
+                job_id=job.id, trial_id=trial_id, epochs=_read_metrics(job, trial_run)
+            )
 
     @router.get(
         "/{job_id}/logs",
@@ -515,11 +541,31 @@ def _jobs_router(kind: str, prefix: str) -> APIRouter:
     return router
 
 
-def _read_metrics(job: db.JobRow) -> list[dict[str, Any]]:
+def _read_metrics(job: db.JobRow, run_name: str) -> list[dict[str, Any]]:
     try:
-        return run_storage.read_metrics(job.storage_root, job.id)
+        return run_storage.read_metrics(job.storage_root, run_name)
     except Exception as exc:  # storage unreachable: say so instead of a 500
         raise ApiError(503, "storage_unavailable", f"could not read run metrics: {exc}") from None
+
+
+# Tune's trial ids (`a1b2c_00000`): anything else never becomes part of a storage path.
+_TRIAL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def _trial_ids(job: db.JobRow) -> set[str]:
+    """The trial ids in the sweep's trial table (sweep.json, written when the sweep ends)."""
+    try:
+        sweep = run_storage.read_json(job.storage_root, job.id, "sweep.json") or {}
+    except Exception as exc:
+        raise ApiError(503, "storage_unavailable", f"could not read sweep.json: {exc}") from None
+    trials = sweep.get("trials")
+    return {
+        trial["trial_id"]
+        for trial in (trials if isinstance(trials, list) else [])
+        if isinstance(trial, dict)
+        and isinstance(trial.get("trial_id"), str)
+        and _TRIAL_ID.fullmatch(trial["trial_id"])
+    }
 
 
 def _timestamp(value: float | None) -> datetime | None:

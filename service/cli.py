@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from jobs import exit_codes
+
 SUBCOMMAND_MODULES = (
     "jobs.data.cli",  # topk shards build|inspect
     "jobs.spec.cli",  # topk validate
@@ -20,10 +22,25 @@ SUBCOMMAND_MODULES = (
 )
 
 
+def package_version() -> str:
+    """The installed topk-service version (its distribution's metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("topk-service")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="topk",
         description="Train image classifiers with stochastic top-K losses on Ray.",
+        epilog="exit codes: "
+        + "; ".join(f"{code} {meaning}" for code, meaning in exit_codes.TABLE),
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {package_version()}"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMAND_MODULES:
@@ -43,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
-        return 2
+        return exit_codes.USAGE
     try:
-        return int(handler(args) or 0)
+        return int(handler(args) or exit_codes.OK)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The service's view of the runtime layout on storage (ROOT/RUN/...), through fsspec.
 
 The service writes ROOT/RUN/spec.json before it launches; the training runtime writes
-metrics.jsonl (one JSON object per finished epoch), result.json and, for sweeps, sweep.json.
+metrics.jsonl (one JSON object per finished epoch), result.json and, for sweeps, sweep.json
+and each trial's run under trials/.
 Readers here tolerate files that do not exist yet (None / []) and a last line still being
 written (skipped).
 """
@@ -17,6 +18,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 def run_url(root: str, run_name: str, filename: str) -> str:
     return f"{root.rstrip('/')}/{run_name}/{filename}"
+
+
+def trial_run_name(run_name: str, trial_id: str) -> str:
+    """A sweep trial's run folder under the sweep's, as jobs/sweep.py lays it out:
+    ROOT/RUN/trials/trial-<trial id>/ (its own metrics.jsonl, result.json)."""
+    return f"{run_name}/trials/trial-{trial_id}"
 
 
 def write_spec(root: str, run_name: str, spec: dict) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from jobs.data.urls import (
     ALLOWED_PROTOCOLS,
+    DATASET_FILENAME,
     check_url,
     join_url,
     open_url,
@@ -28,7 +29,6 @@ from jobs.data.urls import (
 
 DATASET_FORMAT = "topk-webdataset"
 DATASET_FORMAT_VERSION = 1
-DATASET_FILENAME = "dataset.json"
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,17 @@ from jobs.data.shard_format import (
     ShardReadError,
     read_shard_records,
 )
-from jobs.data.urls import ALLOWED_PROTOCOLS, check_url, expand_braces, missing_urls, open_url
+from jobs.data.urls import (
+    ALLOWED_PROTOCOLS,
+    SHARD_SUFFIXES,
+    check_url,
+    expand_braces,
+    missing_urls,
+    open_url,
+)
 from jobs.spec.data import AugmentSpec, DataSpec, ShardSource
 
 _REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
-_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # Telling PIL the format skips probing every plugin; a wrong extension still fails cleanly.
 _PIL_FORMATS = {"jpg": ("JPEG",), "jpeg": ("JPEG",), "png": ("PNG",), "webp": ("WEBP",)}
 
@@ -108,7 +114,7 @@ def resolve_shards(
         if isinstance(source, list):
             urls = [check_url(u, allowed_protocols, allowed_roots) for u in source]
             shards = ShardSet(field, urls)
-        elif source.rstrip("/").endswith(_TAR_SUFFIXES):
+        elif source.rstrip("/").endswith(SHARD_SUFFIXES):
             urls = [check_url(u, allowed_protocols, allowed_roots) for u in expand_braces(source)]
             shards = ShardSet(field, urls)
         else:

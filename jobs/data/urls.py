@@ -26,6 +26,11 @@ ROOTS_ENV = "TOPK_ALLOWED_ROOTS"
 """Comma lists of the protocols and local roots this process may use (unset or empty: no limit
 beyond the caller's)."""
 
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+"""A data source ending so is a shard (or a brace pattern of shards); any other string names a
+dataset.json or the folder holding one."""
+DATASET_FILENAME = "dataset.json"
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 _BRACE_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 # Local reads and remote reads differ in what a good buffer is: the OS caches local files, a
@@ -192,6 +197,50 @@ def expand_braces(pattern: str) -> list[str]:
             f"at most {MAX_BRACE_URLS:,} are allowed"
         )
     return _expand(pattern)
+
+
+def first_expansion(pattern: str) -> str:
+    """The first URL `expand_braces(pattern)` names, without expanding the others."""
+    parts, position = [], 0
+    while (start := pattern.find("{", position)) >= 0:
+        end, choices, width = _brace_group(pattern, start)
+        first = str(choices[0]).zfill(width) if isinstance(choices, range) else choices[0]
+        parts += [pattern[position:start], first]
+        position = end + 1
+    return "".join(parts) + pattern[position:]
+
+
+def local_source_problem(path: str, *, shard: bool = False) -> str | None:
+    """Why the local data source at `path` (a path `check_url` returned) names nothing, when a
+    few stats tell; None when it is there. A shard or brace pattern of shards (`shard`: an entry
+    of a shard list) must have its first shard; a dataset.json must exist; any other path is a
+    dataset folder and must hold a dataset.json. A `#split` suffix is ignored. At most three
+    stats, no listing, nothing opened."""
+    path = path.partition("#")[0]
+    if shard or "{" in path or path.rstrip("/").endswith(SHARD_SUFFIXES):
+        try:
+            first = first_expansion(path)
+        except ValueError as exc:
+            return str(exc)
+        if os.path.isfile(first):
+            return None
+        folder = os.path.dirname(first)
+        if not os.path.isdir(folder):
+            return f"folder {folder} does not exist"
+        which = f" (the first shard of {_shorten(path)})" if first != path else ""
+        return f"shard {first} does not exist{which}"
+    if path.endswith(".json"):
+        return None if os.path.isfile(path) else f"{path} does not exist"
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, DATASET_FILENAME)):
+            return None
+        return f"folder {path} holds no {DATASET_FILENAME}"
+    if os.path.exists(path):
+        return (
+            f"{path} is neither a {DATASET_FILENAME}, a folder holding one, nor a shard "
+            f"({', '.join(SHARD_SUFFIXES)})"
+        )
+    return f"{path} does not exist"
 
 
 def _expand(pattern: str) -> list[str]:

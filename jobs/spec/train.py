@@ -289,6 +289,9 @@ class TrainSpec(BaseModel):
         return []
 
     def _url_problems(self, context: dict[str, Any]) -> list[tuple[str, str]]:
+        """Refused URLs; a storage root that cannot be written; with the context's
+        `check_local_data` (the service, `topk validate`, `train`, `sweep`), local data and
+        weights that do not exist. Remote URLs are never touched here."""
         from jobs.data.urls import check_url  # lazy: the data layer's import cost stays there
 
         limits = {
@@ -306,18 +309,48 @@ class TrainSpec(BaseModel):
         if self.storage is not None:
             urls.append(("storage", self.storage))
         problems = []
+        local_checks = MAX_LOCAL_DATA_CHECKS if context.get("check_local_data") else 0
         for path, url in urls:
             try:
                 checked = check_url(url, **limits)
             except ValueError as exc:
                 problems.append((path, str(exc)))
                 continue
-            if path == "storage" and (problem := _storage_problem(checked)):
+            if path == "storage":
+                problem = _storage_problem(checked)
+            elif local_checks > 0:
+                local_checks -= 1
+                problem = _local_data_problem(path, checked)
+            else:
+                problem = None
+            if problem:
                 problems.append((path, problem))
         return problems
 
 
 _READ_ONLY_PROTOCOLS = frozenset({"http", "https"})
+
+MAX_LOCAL_DATA_CHECKS = 1000
+"""At most this many local data paths are looked at per spec (a few stats each): a shard list
+longer than that is checked for its first entries only; its worker checks the rest."""
+
+
+def _local_data_problem(path: str, url: str) -> str | None:
+    """Why the local data source or weights file `url` (checked) at spec field `path` is not
+    there; None when it is, or when `url` is remote (never touched at validation)."""
+    import os
+
+    from jobs.data.urls import is_local, local_source_problem
+
+    if not is_local(url):
+        return None
+    if path == "model.pretrained":
+        if os.path.isfile(url):
+            return None
+        if os.path.isdir(url):
+            return f"{url} is a folder, not a weights file"
+        return f"{url} does not exist"
+    return local_source_problem(url, shard=path.endswith("]"))
 
 
 def _storage_problem(url: str) -> str | None:

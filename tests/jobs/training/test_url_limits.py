@@ -114,6 +114,25 @@ def test_python_m_jobs_refuses_shards_named_outside_the_limits_and_exits_2(
     assert not (datasets / "allowed" / "runs" / "run").exists()  # nothing started
 
 
+def test_python_m_jobs_trains_on_ray_inside_the_limits_a_service_hands_it(datasets, tmp_path):
+    """The limits as the service hands them: the data root plus the runs folder (elsewhere).
+    The driver, the Ray Train worker and the run's files all stay inside them."""
+    runs = tmp_path / "runs"
+    env = {"TOPK_ALLOWED_ROOTS": f"{datasets / 'allowed'},{runs}", "TOPK_ALLOWED_PROTOCOLS": "file"}
+    spec = _spec(datasets, "data")
+    spec_file = runs / "run" / "spec.json"
+    spec_file.parent.mkdir(parents=True)
+    spec_file.write_text(json.dumps(spec))
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs", "train", "--spec", str(spec_file), "--run-name", "run",
+         "--storage", str(runs)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, **env},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((runs / "run" / "result.json").read_text())
+    assert result["status"] == "succeeded" and result["epochs"] == 1
+
+
 @pytest.mark.parametrize(
     ("train", "protocols", "reason"),
     [
