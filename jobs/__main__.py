@@ -3,9 +3,10 @@
     python -m jobs train --spec URL --run-name RUN [--storage ROOT] [--address ADDR]
     python -m jobs sweep --spec URL --run-name RUN [--storage ROOT] [--address ADDR]
 
-Exit codes: 0 success, 1 the run failed, 2 invalid arguments or spec (one line per problem on
-stderr, never a traceback). An invalid spec is also recorded as a failed run in
-ROOT/RUN/result.json, so the service fails the job with its problems instead of retrying it.
+Exit codes (jobs/exit_codes.py): 0 success, 1 the run failed, 2 invalid arguments or an
+unreadable spec file, 3 an invalid spec (one line per problem on stderr, never a traceback). An
+invalid spec is also recorded as a failed run in ROOT/RUN/result.json; the service fails the job
+at once on 2 or 3 instead of retrying it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs import exit_codes
 from jobs.cli import add_run_arguments, run_sweep_command, run_train_command
 
 
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
 
 
 if __name__ == "__main__":

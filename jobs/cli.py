@@ -1,8 +1,9 @@
 """`topk train SPEC` and `topk sweep SPEC`: run a training or sweep spec on Ray from a shell.
 
 Without --address a local Ray cluster is started for the run (or RAY_ADDRESS is used inside a
-Ray job). Progress is printed per epoch. Exit codes: 0 success, 1 the run failed, 2 the spec or
-the arguments are invalid (every problem printed as "field.path: message").
+Ray job). Progress is printed per epoch. Exit codes (jobs/exit_codes.py): 0 success, 1 the run
+failed, 2 bad arguments or an unreadable spec file, 3 an invalid spec (every problem printed as
+"field.path: message"; local data that does not exist included).
 The same handlers serve `python -m jobs train|sweep --spec URL`, the entrypoint a Ray job runs.
 """
 
@@ -14,9 +15,11 @@ import sys
 import time
 from typing import Any
 
+from jobs import exit_codes
+
 
 class UsageError(Exception):
-    """Bad input from the user: printed as lines on stderr, exit code 2."""
+    """Bad input from the user: printed as lines on stderr, exit code 2 (USAGE)."""
 
     def __init__(self, lines: list[str]) -> None:
         super().__init__("\n".join(lines))
@@ -25,7 +28,7 @@ class UsageError(Exception):
 
 class InvalidSpecError(UsageError):
     """The spec cannot run, whatever the machine: `problems` holds its "field.path: message"
-    lines (the exception's lines add a header naming the file)."""
+    lines (the exception's lines add a header naming the file). Exit code 3 (INVALID_SPEC)."""
 
     def __init__(self, lines: list[str], problems: list[str]) -> None:
         super().__init__(lines)
@@ -69,8 +72,9 @@ def _url_limits() -> dict[str, Any]:
 
 
 def load_spec(url: str, kind: str) -> Any:
-    """A validated TrainSpec ("train") or SweepSpec ("sweep") from a file or URL, class counts
-    filled from dataset.json. Raises UsageError with one line per problem."""
+    """A validated TrainSpec ("train") or SweepSpec ("sweep") from a file or URL, its local
+    data checked to exist, class counts filled from dataset.json. Raises UsageError (the file)
+    or InvalidSpecError (the spec) with one line per problem."""
     from pydantic import ValidationError
 
     from jobs.spec.io import (
@@ -93,6 +97,7 @@ def load_spec(url: str, kind: str) -> Any:
         raise UsageError([f"error: {url} is a sweep spec; run it with `sweep`"])
     if kind == "sweep" and not is_sweep_document(raw):
         raise UsageError([f"error: {url} is a training spec; run it with `train`"])
+    context = {**context, "check_local_data": True}
     try:
         parse = parse_train_spec if kind == "train" else parse_sweep_spec
         return resolve_class_counts(parse(raw, context=context), context=context)
@@ -105,7 +110,7 @@ def check_data_sources(spec: Any) -> None:
     """Resolve the shards that the spec's data.train and data.val name (a sweep: its base
     training spec), reading their dataset.json, and check every shard URL against the process's
     URL limits, before anything is started: a dataset.json inside the allowed roots that names
-    shards outside them is a refused spec. Raises UsageError naming the field."""
+    shards outside them is a refused spec. Raises InvalidSpecError naming the field."""
     from jobs.data.pipeline import DataPipelineError, resolve_shards
 
     data = getattr(spec, "train", spec).data
@@ -116,7 +121,7 @@ def check_data_sources(spec: Any) -> None:
         try:
             resolve_shards(source, field=f"data.{split}", split=split, num_classes=data.num_classes)
         except (ValueError, DataPipelineError) as exc:
-            raise UsageError([f"error: {exc}"]) from None
+            raise InvalidSpecError([f"error: {exc}"], [str(exc)]) from None
 
 
 def _raise_invalid(url: str, lines: list[str]) -> Any:
@@ -159,15 +164,19 @@ def _run(args: argparse.Namespace, kind: str) -> int:
             check_url(storage, **_url_limits())
         root = normalize_root(storage)
         check_data_sources(spec)
+    except InvalidSpecError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        if getattr(args, "record_invalid", False):
+            _record_invalid_spec(args, exc)
+        return exit_codes.INVALID_SPEC
     except UsageError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
-        if isinstance(exc, InvalidSpecError) and getattr(args, "record_invalid", False):
-            _record_invalid_spec(args, exc)
-        return 2
-    except ValueError as exc:
+        return exit_codes.USAGE
+    except ValueError as exc:  # a bad --run-name or --storage
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
 
     print(f"{kind} run {run_name!r} under {root}", flush=True)
     try:
@@ -190,8 +199,8 @@ def _run(args: argparse.Namespace, kind: str) -> int:
             print(f"best config: {root}/{run_name}/sweep.json (best_config)")
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"error: {kind} run {run_name!r} failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return exit_codes.FAILED
+    return exit_codes.OK
 
 
 def _record_invalid_spec(args: argparse.Namespace, error: InvalidSpecError) -> None:

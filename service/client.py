@@ -13,11 +13,18 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 class ServiceError(Exception):
-    """The service answered with an error, or could not be reached (status 0)."""
+    """The service answered with an error, or could not be reached (status 0). `code` is the
+    error body's `error` (e.g. "invalid_spec", "not_found") when the service sent one."""
 
-    def __init__(self, status: int, message: str, errors: list[dict] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        errors: list[dict] | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.errors = status, message, errors or []
+        self.status, self.message, self.errors, self.code = status, message, errors or [], code
 
     def __str__(self) -> str:
         if not self.errors:
@@ -50,9 +57,12 @@ class ServiceClient:
             try:
                 body = response.json()
                 raise ServiceError(
-                    response.status_code, body.get("message", response.text), body.get("errors")
+                    response.status_code,
+                    body.get("message", response.text),
+                    body.get("errors"),
+                    body.get("error"),
                 )
-            except ValueError:
+            except (ValueError, AttributeError):
                 raise ServiceError(response.status_code, response.text[:500]) from None
         return response
 
@@ -108,10 +118,16 @@ class ServiceClient:
                 if response.status_code >= 400:
                     response.read()
                     body = response.json()
-                    raise ServiceError(response.status_code, body.get("message", ""))
+                    raise ServiceError(
+                        response.status_code, body.get("message", ""), code=body.get("error")
+                    )
                 yield from response.iter_text()
         except httpx.HTTPError as exc:
             raise ServiceError(0, f"log stream interrupted: {exc}") from None
+
+    def info(self) -> dict[str, Any]:
+        """The service's version and its cluster's Ray dashboard URL (GET /v1/info)."""
+        return self._request("GET", "/v1/info").json()
 
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/healthz").json()

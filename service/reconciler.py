@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from jobs import exit_codes
 from service import run_storage
 from service.db import (
     CANCELLED,
@@ -55,10 +56,11 @@ from service.settings import Settings
 log = logging.getLogger("topk.reconciler")
 
 RECENTLY_CANCELLED_S = 600.0
-SPEC_REFUSED_EXIT_CODE = 2
-"""`python -m jobs train|sweep` exits 2 when the spec or its arguments are refused (the user's
-error: the job fails at once); 1 when the run failed, any other code or a vanished job is an
-infrastructure failure (retried up to TOPK_MAX_ATTEMPTS)."""
+SPEC_REFUSED_EXIT_CODES = exit_codes.REFUSED_BY_DRIVER
+"""`python -m jobs train|sweep` exits 3 when the spec is invalid and 2 when its arguments or its
+spec file are refused (jobs/exit_codes.py): the user's error, the job fails at once. 1 when the
+run failed; any other code or a vanished job is an infrastructure failure (retried up to
+TOPK_MAX_ATTEMPTS) unless the run recorded its own failure in result.json."""
 FAILING_PASSES = 3
 """Passes that failed in a row before `/readyz` reports the reconciler as failing."""
 
@@ -260,9 +262,12 @@ class Reconciler:
             reason = f"training failed: {result.get('error') or 'see the logs'}"
             self.store.transition(job.id, FAILED, reason, expect=(LAUNCHING, RUNNING))
             return
-        if info.exit_code == SPEC_REFUSED_EXIT_CODE:
+        if info.exit_code in SPEC_REFUSED_EXIT_CODES:
             # The user's error, found by the worker: another attempt would be refused the same way.
-            reason = f"the worker refused the spec (exit code 2): {self._refusal(job, info)}"
+            reason = (
+                f"the worker refused the spec (exit code {info.exit_code}): "
+                f"{self._refusal(job, info)}"
+            )
             self.store.transition(job.id, FAILED, reason, expect=(LAUNCHING, RUNNING))
             return
         detail = _summary(info)

@@ -66,7 +66,8 @@ def validate_spec(kind: str, body: Any, settings: Settings) -> ValidatedSpec:
 
 def check_spec(kind: str, body: Any, settings: Settings):
     """The validation half of `validate_spec`: the spec model, or InvalidSpec. It reads no
-    data (local paths are only normalized), so it may run on the event loop."""
+    data, but looks at the file system (local data sources and the storage root are stat'ed),
+    so it runs off the event loop."""
     from jobs.spec.io import validation_problems
     from jobs.spec.train import SpecError
 
@@ -200,7 +201,12 @@ def _beyond_ceiling(
 
 
 def _context(settings: Settings) -> dict[str, Any]:
-    context: dict[str, Any] = {"allowed_protocols": list(settings.allowed_protocols)}
+    # Local data that does not exist is refused at submission, naming the field (a few stats,
+    # jobs/spec/train.py); remote data is read by the job only.
+    context: dict[str, Any] = {
+        "allowed_protocols": list(settings.allowed_protocols),
+        "check_local_data": True,
+    }
     if settings.allowed_roots is not None:
         context["allowed_roots"] = list(settings.allowed_roots)
     return context

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from topk.validation import check_positive_int, check_scores_labels
+from topk.validation import check_positive_int, check_scores_labels, check_shapes
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
@@ -113,21 +113,33 @@ class TopKCounts:
         return metrics
 
 
-def topk_counts(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> TopKCounts:
+def topk_counts(
+    scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int], *, check_values: bool = True
+) -> TopKCounts:
     """Count top-k hits per class: scores [batch, num_classes], labels [batch] int.
 
     A k at least num_classes counts every sample as a hit. The counts live on the scores' device.
     Raises ValueError for bad shapes, out-of-range labels, non-finite scores or bad ks.
+
+    `check_values=False` (labels known to be in range, e.g. from the data pipeline) reads no
+    tensor value, so counting on a GPU never synchronises with the host; a row with a
+    non-finite score then counts as a miss for every k (never as a hit).
     """
     ks = _check_ks(ks)
-    check_scores_labels(scores, labels)
+    if check_values:
+        check_scores_labels(scores, labels)
+    else:
+        labels = check_shapes(scores, labels)
     num_classes = scores.shape[1]
     with torch.no_grad():
         true_scores = scores.gather(1, labels[:, None])
         # Other classes at least as high as the label (ties count against the model).
         rank = (scores >= true_scores).sum(dim=1) - 1
         k_column = torch.tensor(ks, device=scores.device)[:, None]
-        is_hit = (rank[None, :] < k_column).to(torch.int64)  # [len(ks), batch]
+        is_hit = rank[None, :] < k_column  # [len(ks), batch]
+        if not check_values:  # NaN compares false: without this a NaN row would be a hit
+            is_hit = is_hit & torch.isfinite(scores).all(dim=1)[None, :]
+        is_hit = is_hit.to(torch.int64)
         hits = torch.zeros(len(ks), num_classes, dtype=torch.int64, device=scores.device)
         hits.index_add_(1, labels, is_hit)
         support = torch.bincount(labels, minlength=num_classes)

@@ -1,4 +1,5 @@
-"""`topk experiment CONFIG`: run an experiment grid locally on Ray and write its report."""
+"""`topk experiment CONFIG`: run an experiment grid on this machine (a process per run, on the
+GPU when there is one) and write its report."""
 
 from __future__ import annotations
 
@@ -28,23 +29,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--retry-failed", action="store_true", help="run again the runs whose record says failed"
     )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        help="runs trained at the same time, each in its own process, sharing the GPU when there "
+        "is one (default: the config's `concurrency`, else 2 on the CPU and 4 on a GPU); "
+        "runs use the GPU when torch finds one, unless TOPK_DEVICE=cpu",
+    )
     parser.set_defaults(handler=run_experiment_command)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 64, got {text!r}")
+    return value
 
 
 def run_experiment_command(args: argparse.Namespace) -> int:
     from jobs.experiment.config import load_config
+    from jobs.experiment.runner import default_concurrency
+    from jobs.training.device import resolve_device
 
     try:
         config = load_config(args.config)
+        device = resolve_device().type  # TOPK_DEVICE, else the GPU when there is one
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    concurrency = args.concurrency or config.concurrency or default_concurrency(device)
+    config = config.model_copy(update={"concurrency": concurrency})
     out = Path(args.out or Path("runs") / "experiments" / config.name)
     # The command that trains and reports from scratch (--report-only would need the records).
     command = " ".join(
         ["topk experiment", args.config]
         + (["--out", args.out] if args.out else [])
         + (["--report", args.report] if args.report else [])
+        + (["--concurrency", str(args.concurrency)] if args.concurrency else [])
     )
     try:
         if args.report_only:
@@ -54,7 +79,9 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         else:
             from jobs.experiment.runner import run_experiment
 
-            plan, records = run_experiment(config, out, retry_failed=args.retry_failed)
+            plan, records = run_experiment(
+                config, out, retry_failed=args.retry_failed, device=device
+            )
     except ValueError as exc:  # a bad config value, a missing source, a refused path
         print(f"error: {exc}", file=sys.stderr)
         return 2

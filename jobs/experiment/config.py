@@ -70,8 +70,9 @@ class ExperimentConfig(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     title: str = "Experiment"
     seeds: list[StrictInt] = Field(min_length=1)
-    concurrency: StrictInt = Field(2, ge=1, le=64)
-    """Runs trained at the same time (each a 1-worker Ray Train run)."""
+    concurrency: StrictInt | None = Field(None, ge=1, le=64)
+    """Runs trained at the same time, each in its own process (sharing the GPU when there is
+    one); `topk experiment --concurrency` overrides it. None: 2 on the CPU, 4 on a GPU."""
     losses: dict[str, dict[str, Any]] = Field(min_length=1)
     """loss name -> hyperparameters (`k` and `class_counts` are filled per dataset)."""
     training: dict[str, Any] = Field(default_factory=dict)

@@ -268,7 +268,10 @@ def plot_class_recall(
 # -- the page ------------------------------------------------------------------------------------
 
 
-def _machine() -> str:
+def _machine(records: dict[str, dict[str, Any]]) -> str:
+    """The machine's CPUs, memory and GPUs, where the runs trained, and the library versions."""
+    import torch
+
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -277,20 +280,24 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    import ray
-    import torch
-
-    gpus = torch.cuda.device_count()
     memory = ""
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         memory = f", {pages / 2**30:.0f} GiB"
     except (ValueError, OSError):
         pass
+    gpus = torch.cuda.device_count()
+    gpu_text = "no GPU"
+    if gpus:
+        names = ", ".join(sorted({torch.cuda.get_device_name(i) for i in range(gpus)}))
+        gpu_text = f"{gpus} GPU{'s' if gpus > 1 else ''} ({names})"
+    # a record without "device" predates the GPU path: it trained on the CPU
+    devices = {r.get("device", "cpu") for r in records.values() if r.get("status") == "succeeded"}
+    where = " and ".join({"cpu": "the CPU", "cuda": "the GPU"}.get(d, d) for d in sorted(devices))
     return (
-        f"{os.cpu_count()} CPU cores ({model}){memory}, {f'{gpus} GPUs' if gpus else 'no GPU'} "
-        f"(runs train on the CPU); Python {platform.python_version()}, torch "
-        f"{torch.__version__}, Ray {ray.__version__}"
+        f"{os.cpu_count()} CPU cores ({model}){memory}, {gpu_text}"
+        f"{f' (runs trained on {where})' if where else ''}; Python "
+        f"{platform.python_version()}, torch {torch.__version__}"
     )
 
 
@@ -366,7 +373,7 @@ def write_report(
         command or f"topk experiment <config> --report {path}",
         "```",
         "",
-        f"- Machine: {_machine()}.",
+        f"- Machine: {_machine(records)}.",
         f"- Generated: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
     ]
     if timing:

@@ -1,4 +1,4 @@
-"""Run an experiment grid on a local Ray cluster and keep one record per run.
+"""Run an experiment grid on this machine, a process per run, and keep one record per run.
 
 Layout under the output root OUT:
     OUT/data/<dataset>/            shards + dataset.json (built once, reused while the dataset's
@@ -10,14 +10,24 @@ when its spec changes, and a sweep run and a final run with the same spec are on
 with record.json is finished; one without is started again and resumes from its latest
 checkpoint.
 
-Every run is a Ray task (`concurrency` at once, in reused worker processes) that runs the
-training loop of `topk train` and of the service's jobs (jobs.training.worker.run_loop, with
-the same model, loss, data pipeline, checkpoints and metrics files) in process through
+Every run trains in a worker process of a plain process pool (`RunProcesses`; no Ray):
+`concurrency` processes at once (`--concurrency`, else the config's `concurrency`, else 2 on
+the CPU and 4 on a GPU, `default_concurrency`), started with `spawn` (CUDA cannot be used in a
+forked child) and reused from run to run, so torch is imported once per process. Each process
+is its own one-process pool: a process that dies (a segfault, the OOM killer) fails only the
+run it held, and the next run gets a fresh process. A process runs the training loop of
+`topk train` and of the service's jobs (jobs.training.worker.run_loop, with the same model,
+loss, data pipeline, checkpoints and metrics files) in process through
 `jobs.training.run.run_training_in_process`: with a Ray Train worker group per run, runs that
 had nothing left to train still took 24-39 s each on a 2-core machine (CPU-bound), more than
-training one of these small runs. After training, the task
-evaluates the best-validation checkpoint and the last one on the test split (per-class top-K
-recall included). The test split is read only there: sweeps select on the validation split.
+training one of these small runs. After training, it evaluates the best-validation checkpoint
+and the last one on the test split (per-class top-K recall included). The test split is read
+only there: sweeps select on the validation split.
+
+Runs train on the GPU when torch finds one, on the CPU otherwise (jobs.training.device:
+TOPK_DEVICE=auto|cpu|cuda, default auto); with a GPU the `concurrency` runs share it. The device
+is not part of a run's spec (nor of its id): a run started on the CPU resumes on the GPU, and
+its record says where it was trained (`device`).
 """
 
 from __future__ import annotations
@@ -25,9 +35,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import multiprocessing
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +49,17 @@ from jobs.experiment.config import DatasetConfig, ExperimentConfig, deep_merge
 from jobs.spec.loss import LOSS_SPECS
 
 RECORD_FILE = "record.json"
+CPU_CONCURRENCY = 2
+"""Runs at a time on a CPU machine when neither --concurrency nor the config says."""
+GPU_CONCURRENCY = 4
+"""Runs at a time sharing the GPU when neither --concurrency nor the config says: these small
+runs leave a GPU mostly idle, and 4 processes keep it busy without running out of memory."""
 Log = Callable[[str], None]
+
+
+def default_concurrency(device: str) -> int:
+    """Runs at a time on `device` ("cpu" or "cuda") when nothing else says."""
+    return GPU_CONCURRENCY if device == "cuda" else CPU_CONCURRENCY
 
 
 def _log_stderr(text: str) -> None:
@@ -247,11 +270,14 @@ def select_sweep_winner(records: list[dict[str, Any]], metric: str) -> dict[str,
     return max(scored, key=lambda r: r["val_best"][metric])
 
 
-# -- one run (inside a Ray task) -----------------------------------------------------------------
+# -- one run (inside a worker process) -----------------------------------------------------------
 
 
-def evaluate_checkpoint(spec: Any, checkpoint: Path, split_url: str) -> dict[str, Any]:
-    """Top-k and macro top-k accuracy and per-class recall of a checkpoint on one split."""
+def evaluate_checkpoint(
+    spec: Any, checkpoint: Path, split_url: str, device: str = "cpu"
+) -> dict[str, Any]:
+    """Top-k and macro top-k accuracy and per-class recall of a checkpoint on one split,
+    computed on `device` ("cpu" or "cuda")."""
     import torch
 
     from jobs.data.pipeline import build_eval_loader
@@ -266,11 +292,12 @@ def evaluate_checkpoint(spec: Any, checkpoint: Path, split_url: str) -> dict[str
         cosine_head=bool(spec.model.cosine_head),
     )
     load_training_state(checkpoint, model=model)
+    model = model.to(device)
     data = spec.data.model_copy(update={"val": split_url, "loader_workers": 0})
     loader = build_eval_loader(data, batch_size=256, rank=0, world_size=1)
     ks = sorted(set(spec.metrics.ks))
     with torch.no_grad():
-        counts = evaluate(model, loader, ks, spec.data.num_classes)
+        counts = evaluate(model, loader, ks, spec.data.num_classes, device=device)
     support = counts.support.clamp(min=1).double()
     result: dict[str, Any] = {"samples": int(counts.support.sum())}
     for row, k in enumerate(counts.ks):
@@ -281,9 +308,10 @@ def evaluate_checkpoint(spec: Any, checkpoint: Path, split_url: str) -> dict[str
     return result
 
 
-def train_and_test(run: dict[str, Any], runs_root: str) -> dict[str, Any]:
-    """Train one planned run (resuming it if it was interrupted), test it and write its
-    record.json; returns the record. A failed run gets a record with status "failed"."""
+def train_and_test(run: dict[str, Any], runs_root: str, device: str = "cpu") -> dict[str, Any]:
+    """Train one planned run on `device` ("cpu" or "cuda"; resuming it if it was interrupted),
+    test it and write its record.json; returns the record. A failed run gets a record with
+    status "failed"."""
     import torch
 
     from jobs.spec.train import TrainSpec
@@ -298,8 +326,9 @@ def train_and_test(run: dict[str, Any], runs_root: str) -> dict[str, Any]:
     record: dict[str, Any] = {
         key: run[key] for key in ("run_id", "dataset", "loss", "params", "seed", "roles")
     }
+    record["device"] = device
     try:
-        result = run_training_in_process(spec, run["run_id"], storage=runs_root)
+        result = run_training_in_process(spec, run["run_id"], storage=runs_root, device=device)
         error = None
     except RuntimeError as exc:
         result, error = None, str(exc)
@@ -321,11 +350,13 @@ def train_and_test(run: dict[str, Any], runs_root: str) -> dict[str, Any]:
             record["best_epoch"] = best_epoch
             record["val_best"] = _val_metrics(history, best_epoch)
             record["val_final"] = _val_metrics(history, final_epoch)
-            record["test_best"] = evaluate_checkpoint(spec, checkpoints[best_epoch], test_url)
+            record["test_best"] = evaluate_checkpoint(
+                spec, checkpoints[best_epoch], test_url, device
+            )
             record["test_final"] = (
                 record["test_best"]
                 if final_epoch == best_epoch
-                else evaluate_checkpoint(spec, checkpoints[final_epoch], test_url)
+                else evaluate_checkpoint(spec, checkpoints[final_epoch], test_url, device)
             )
         except (KeyError, ValueError, OSError) as exc:
             error = f"testing failed: {type(exc).__name__}: {exc}"
@@ -389,13 +420,21 @@ def run_experiment(
     *,
     retry_failed: bool = False,
     log: Log = _log_stderr,
+    device: str | None = None,
 ) -> tuple[Plan, dict[str, dict[str, Any]]]:
     """Build the datasets, run every planned run that has no record yet (`retry_failed`: and
-    those whose record says failed), and return the plan and all records."""
+    those whose record says failed), and return the plan and all records.
+
+    Runs train on `device` ("auto", "cpu" or "cuda"; None reads TOPK_DEVICE, default auto: the
+    GPU when there is one), `config.concurrency` at a time (None: `default_concurrency`).
+    Raises ValueError for a bad config value, a missing source, or "cuda" without a GPU."""
+    from jobs.training.device import resolve_device
+
+    chosen = resolve_device(device).type
     out.mkdir(parents=True, exist_ok=True)
     invoked = time.monotonic()
     try:
-        return _run_grid(config, out, retry_failed=retry_failed, log=log)
+        return _run_grid(config, out, retry_failed=retry_failed, log=log, device=chosen)
     finally:
         _append_timing(out, time.monotonic() - invoked)
 
@@ -408,8 +447,65 @@ def _append_timing(out: Path, seconds: float) -> None:
     path.write_text(json.dumps(entries, indent=1))
 
 
+class RunProcesses:
+    """Up to `size` worker processes, each training one run at a time.
+
+    Each process is its own one-process pool, started with `spawn` (a forked child cannot use
+    CUDA, and would inherit the parent's threads) and kept for the next run, so torch is
+    imported once per process. A process that dies (a segfault, the OOM killer) breaks only its
+    own pool: its run's future raises BrokenProcessPool, and the next run gets a new process.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._context = multiprocessing.get_context("spawn")
+        self._idle: list[ProcessPoolExecutor | None] = [None] * size  # None: not started
+        self._busy: dict[Future, tuple[ProcessPoolExecutor, str]] = {}
+
+    def __enter__(self) -> RunProcesses:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def has_room(self) -> bool:
+        return bool(self._idle)
+
+    @property
+    def running(self) -> list[str]:
+        return [run_id for _, run_id in self._busy.values()]
+
+    def submit(self, run_id: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Start `fn(*args)` in an idle process; raises IndexError when all are busy."""
+        pool = self._idle.pop()
+        if pool is None:
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=self._context)
+        self._busy[pool.submit(fn, *args)] = (pool, run_id)
+
+    def next_done(self) -> tuple[str, Future]:
+        """Wait for a run to end; returns its id and its (done) future."""
+        done, _ = wait(self._busy, return_when=FIRST_COMPLETED)
+        future = next(f for f in self._busy if f in done)  # the oldest of those done
+        pool, run_id = self._busy.pop(future)
+        if isinstance(future.exception(), BrokenProcessPool):
+            pool.shutdown(wait=True)  # the process is gone; a new one starts on demand
+            self._idle.append(None)
+        else:
+            self._idle.append(pool)
+        return run_id, future
+
+    def close(self) -> None:
+        """Let the running runs finish (on Ctrl-C they are interrupted with the driver: they
+        share its process group) and stop every process."""
+        pools = [pool for pool in self._idle if pool is not None]
+        pools += [pool for pool, _ in self._busy.values()]
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._idle, self._busy = [], {}
+
+
 def _run_grid(
-    config: ExperimentConfig, out: Path, *, retry_failed: bool, log: Log
+    config: ExperimentConfig, out: Path, *, retry_failed: bool, log: Log, device: str
 ) -> tuple[Plan, dict[str, dict[str, Any]]]:
     datasets = build_datasets(config, out, log)
     plan = Plan(config, datasets)
@@ -421,37 +517,33 @@ def _run_grid(
         log(f"all {len(plan.runs)} runs have records; nothing to train")
         return plan, records
 
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=config.concurrency,
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
-    remote = ray.remote(num_cpus=1, max_retries=0)(train_and_test)
+    concurrency = config.concurrency or default_concurrency(device)
+    log(f"{len(todo)} runs to train, {concurrency} at a time, on {device}")
     started = time.monotonic()
     done_now = 0
-    in_flight: dict[Any, str] = {}
-    try:
+    with RunProcesses(concurrency) as processes:
         while True:
-            todo = [r for r in plan.runs if r not in records and r not in in_flight.values()]
+            running = processes.running
+            todo = [r for r in plan.runs if r not in records and r not in running]
             todo.sort(key=lambda r: "sweep" not in plan.runs[r].roles)  # sweeps unlock finals
-            while todo and len(in_flight) < config.concurrency:
+            while todo and processes.has_room:
                 run_id = todo.pop(0)
                 run = plan.runs[run_id]
                 payload = {**asdict(run), "roles": sorted(run.roles)}
-                in_flight[remote.remote(payload, str(runs_root))] = run_id
-            if not in_flight:
+                processes.submit(run_id, train_and_test, payload, str(runs_root), device)
+            if not processes.running:
                 break
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            run_id = in_flight.pop(ready[0])
+            run_id, future = processes.next_done()
             try:
-                record = ray.get(ready[0])
-            except Exception as exc:  # the task itself died (not a training failure)
-                record = {"run_id": run_id, "status": "failed", "error": str(exc)}
-                log(f"run {run_id} crashed: {exc}")
+                record = future.result()
+            except Exception as exc:  # the process died or the task raised (not a training
+                # failure, which train_and_test records itself); no record.json: the next
+                # invocation tries the run again
+                reason = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, BrokenProcessPool):
+                    reason = f"its process died ({exc})"
+                record = {"run_id": run_id, "status": "failed", "error": reason}
+                log(f"run {run_id} crashed: {reason}")
             records[run_id] = record
             done_now += 1
             plan.release_finals(records)
@@ -459,8 +551,6 @@ def _run_grid(
             elapsed = time.monotonic() - started
             eta = elapsed / done_now * remaining
             log(_progress_line(record, len(records), len(plan.runs), elapsed, eta))
-    finally:
-        ray.shutdown()
     return plan, records
 
 

@@ -1,7 +1,9 @@
 """`topk validate SPEC`: check a training or sweep spec file (YAML or JSON, path or URL).
 
-Prints every problem as "field.path: message" on stderr and exits 1 when the spec is invalid,
-2 when the file cannot be read; prints a one-paragraph summary and exits 0 when it is valid.
+Prints every problem as "field.path: message" on stderr and exits 3 when the spec is invalid,
+2 when the file cannot be read; prints a one-paragraph summary and exits 0 when it is valid
+(jobs/exit_codes.py). Local data that does not exist is a problem of its field; remote data is
+not touched.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import sys
 from typing import Any
 
+from jobs import exit_codes
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -18,16 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check a training or sweep spec file",
         description=(
             "Check a training or sweep spec (YAML or JSON, a path or URL) and print every "
-            "problem with its field path. Losses that need class counts read them from the "
-            "training data's dataset.json unless --no-resolve is given. Exit codes: 0 valid, "
-            "1 invalid, 2 unreadable file."
+            "problem with its field path. Local data paths must exist, and losses that need "
+            "class counts read them from the training data's dataset.json, unless --no-resolve "
+            f"is given. Exit codes: {exit_codes.OK} valid, {exit_codes.INVALID_SPEC} invalid, "
+            f"{exit_codes.USAGE} unreadable file."
         ),
     )
     parser.add_argument("spec", metavar="SPEC", help="spec file path or URL")
     parser.add_argument(
         "--no-resolve",
         action="store_true",
-        help="check the structure only; do not read dataset.json for class counts",
+        help="check the structure only: do not look for local data, nor read dataset.json "
+        "for class counts",
     )
     parser.add_argument(
         "--print",
@@ -62,7 +68,9 @@ def run_validate(args: argparse.Namespace) -> int:
         raw = load_spec_file(args.spec, **context)
     except SpecFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
+    if not args.no_resolve:
+        context["check_local_data"] = True
     try:
         spec = parse_spec(raw, context=context)
         if not args.no_resolve:
@@ -72,18 +80,27 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"{args.spec}: invalid spec ({len(lines)} problem(s)):", file=sys.stderr)
         for line in lines:
             print(f"  {line}", file=sys.stderr)
-        if any(line.startswith("loss.class_counts: ") for line in lines) and not args.no_resolve:
+        if not args.no_resolve and any(_names_missing_data(line) for line in lines):
             print(
-                "hint: make the dataset first (`topk shards build ...`), or check the structure "
-                "only with --no-resolve",
+                "hint: make the dataset first (`topk shards build ...`, the command in the "
+                "example's header), or check the structure only with --no-resolve",
                 file=sys.stderr,
             )
-        return 1
+        return exit_codes.INVALID_SPEC
     if args.print_spec:
         print(json.dumps(spec.model_dump(mode="json"), indent=2))
     else:
         print(f"{args.spec}: {describe_spec(spec)}")
-    return 0
+    return exit_codes.OK
+
+
+def _names_missing_data(problem: str) -> bool:
+    """Whether a "field: message" line says the data is not there (yet)."""
+    if problem.startswith("loss.class_counts: "):
+        return True
+    return problem.startswith(("data.", "model.pretrained")) and (
+        "does not exist" in problem or "holds no" in problem
+    )
 
 
 def describe_spec(spec: Any) -> str:

@@ -116,6 +116,9 @@ class ModelSpec(BaseModel):
     """Local path or fsspec URL of a state_dict (read with weights_only=True); never a hub name."""
     cosine_head: bool | None = None
     """Normalized features and weights (scores in [-1, 1]); None -> the loss decides."""
+    compile: bool = False
+    """torch.compile the model (worth it on a GPU, where it fuses the network's many small
+    kernels; the first epoch pays the compilation)."""
 
 
 class OptimSpec(BaseModel):
@@ -168,6 +171,9 @@ class ScalingSpec(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0.0, le=1024.0)
     gpus_per_worker: float = Field(1.0, gt=0.0, le=64.0)
     """Used only with use_gpu."""
+    accelerator_type: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$")
+    """With use_gpu: the GPU type the workers need, as Ray names it (e.g. "H100", "A100",
+    "L4"); Ray schedules them on nodes that have it. None: any GPU."""
 
 
 class CheckpointSpec(BaseModel):

@@ -23,9 +23,15 @@ FORMAT_VERSION = 1
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside a DistributedDataParallel wrapper (state_dict keys without
-    'module.')."""
-    return model.module if hasattr(model, "module") else model
+    """The bare model inside DistributedDataParallel and torch.compile wrappers (state_dict
+    keys without 'module.' or '_orig_mod.')."""
+    while True:  # torch.compile's wrapper (_orig_mod) around DDP's (module), in any order
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module"):
+            model = model.module
+        else:
+            return model
 
 
 @dataclass

@@ -70,7 +70,13 @@ def scaling_config(spec: TrainSpec) -> Any:
         num_workers=scaling.num_workers,
         use_gpu=scaling.use_gpu,
         resources_per_worker=resources,
+        accelerator_type=scaling.accelerator_type if scaling.use_gpu else None,
     )
+
+
+def torch_backend(spec: TrainSpec) -> str:
+    """The process-group backend of the workers: NCCL between GPUs, gloo between CPUs."""
+    return "nccl" if spec.scaling.use_gpu else "gloo"
 
 
 def build_trainer(
@@ -114,7 +120,7 @@ def build_trainer(
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": run_dir},
         scaling_config=scaling_config(spec),
         run_config=run_config,
-        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=torch_backend(spec)),
     )
 
 
@@ -232,17 +238,36 @@ def _close_run(
     return result
 
 
-def run_training_in_process(spec: TrainSpec, run_name: str, storage: str) -> dict[str, Any]:
-    """Train `spec` as run `run_name` in this process, on the CPU, with the same loop as a Ray
-    Train worker (jobs.training.worker.run_loop) and the same files under the local storage
-    root `storage`; an interrupted run resumes from its latest checkpoint. For many small
-    single-worker runs (the experiment runner), where starting a Ray Train worker group per run
-    would cost more than the training. Returns result.json's content; a failed run writes
-    result.json with status "failed" and raises RuntimeError with the cause."""
+def run_training_in_process(
+    spec: TrainSpec, run_name: str, storage: str, *, device: str | None = None
+) -> dict[str, Any]:
+    """Train `spec` as run `run_name` in this process, with the same loop as a Ray Train worker
+    (jobs.training.worker.run_loop) and the same files under the local storage root `storage`;
+    an interrupted run resumes from its latest checkpoint. For many small single-worker runs
+    (the experiment runner), where starting a Ray Train worker group per run would cost more
+    than the training; no Ray is needed.
+
+    The device is `resolve_device(device)` (jobs.training.device: "auto", "cpu" or "cuda";
+    None reads TOPK_DEVICE, default "auto": CUDA when present, else the CPU). `scaling.use_gpu`
+    is accepted when that device is CUDA. Returns result.json's content; a failed run writes
+    result.json with status "failed" and raises RuntimeError with the cause. Raises ValueError
+    (before writing anything) for what it cannot run: several workers, a remote storage root,
+    `scaling.use_gpu` without CUDA, "cuda" asked on a machine without it.
+    """
+    from jobs.training.device import resolve_device
     from jobs.training.worker import LocalSession, run_loop
 
-    if spec.scaling.num_workers != 1 or spec.scaling.use_gpu:
-        raise ValueError("in-process training runs one CPU worker: set scaling.num_workers 1")
+    if spec.scaling.num_workers != 1:
+        raise ValueError(
+            "in-process training runs one worker: set scaling.num_workers 1, "
+            f"got {spec.scaling.num_workers}"
+        )
+    chosen = resolve_device(device)
+    if spec.scaling.use_gpu and chosen.type != "cuda":
+        raise ValueError(
+            "scaling.use_gpu: in-process training would run on the CPU (no CUDA device, or "
+            "TOPK_DEVICE=cpu); unset use_gpu or run where torch finds a GPU"
+        )
     root = normalize_root(storage)
     if "://" in root and not root.startswith("file://"):
         raise ValueError(f"in-process training needs a local storage root, got {root}")
@@ -253,6 +278,7 @@ def run_training_in_process(spec: TrainSpec, run_name: str, storage: str) -> dic
         select=spec.metrics.select if spec.data.val is not None else None,
         mode=spec.metrics.mode,
         keep=spec.checkpoint.keep_last,
+        device=chosen,
     )
     try:
         run_loop({"spec": spec.model_dump(mode="json"), "run_dir": run_dir}, session)

@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -41,9 +39,15 @@ from jobs.training.checkpoint import (
     save_rng_state,
     save_training_state,
 )
-from jobs.training.loop import build_optimizer, build_scheduler, evaluate, train_one_epoch
+from jobs.training.loop import (
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    train_one_epoch,
+    use_channels_last,
+)
 from jobs.training.storage import MetricsLog, join, read_metrics
-from topk import create_loss, get_loss_class
+from topk import create_loss
 
 # Test hook for the fault-tolerance test: "RANK:EPOCH:MARKER_PATH" makes that rank's process
 # SIGKILL itself during that epoch if the marker file exists (the file is removed first, so it
@@ -111,12 +115,18 @@ class RayTrainSession:
     """The loop's view of Ray Train: rank, device, the checkpoint to resume, report."""
 
     def __init__(self) -> None:
+        import ray.train  # Ray only where Ray Train runs: LocalSession needs no Ray at all
+        import ray.train.torch
+
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        # With use_gpu Ray Train gives each worker one GPU (CUDA_VISIBLE_DEVICES) and this is it.
         self.device = ray.train.torch.get_device()
 
     @contextlib.contextmanager
     def resume_directory(self) -> Iterator[str | None]:
+        import ray.train
+
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             yield None
@@ -125,9 +135,14 @@ class RayTrainSession:
             yield directory
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return ray.train.torch.prepare_model(model)
+        import ray.train.torch
+
+        # The model is already on self.device (and in its memory format): DDP wrapping only.
+        return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def report(self, metrics: dict[str, Any], directory: str, epoch: int) -> None:
+        import ray.train
+
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -151,9 +166,20 @@ class LocalSession:
     the run's metrics.jsonl) and the latest, as Ray Train's CheckpointConfig does (the `keep`
     latest when `select` is None); a new session resumes from the latest."""
 
-    def __init__(self, run_dir: str, *, select: str | None, mode: str, keep: int) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        select: str | None,
+        mode: str,
+        keep: int,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.rank, self.world_size = 0, 1
-        self.device = torch.device("cpu")
+        # The GPU when there is one (several runs may share it, each in its own process).
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.run_dir = Path(run_dir)
         self.folder = self.run_dir / "checkpoints"
         self.select, self.mode, self.keep = select, mode, keep
@@ -207,17 +233,16 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | LocalSession) ->
     _seed_everything(spec.seed * 1000 + rank)
 
     loss_kwargs = spec.loss.to_kwargs()
-    loss_fn = create_loss(spec.loss.name, **loss_kwargs)
-    cosine_head = spec.model.cosine_head
-    if cosine_head is None:
-        cosine_head = bool(getattr(get_loss_class(spec.loss.name), "needs_cosine_head", False))
+    loss_fn = create_loss(spec.loss.name, **loss_kwargs).to(device)
     model = build_model(
         spec.model.arch,
         spec.data.num_classes,
         in_channels=spec.data.channels,
-        cosine_head=cosine_head,
+        cosine_head=bool(spec.model.cosine_head),  # the spec resolved it for the loss
         pretrained=spec.model.pretrained,
-    ).to(device)
+    )
+    channels_last = use_channels_last(device, model)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else None)
     optimizer = build_optimizer(model, **spec.optim.model_dump())
 
     def train_loader(epoch: int) -> Any:
@@ -249,6 +274,8 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | LocalSession) ->
             )
             resumed_from = state.epoch
     model = session.prepare_model(model)
+    if spec.model.compile:
+        model = torch.compile(model)
     metrics_log = None
     if rank == 0:  # the only writer of metrics.jsonl
         metrics_log = MetricsLog(join(run_dir, "metrics.jsonl"), keep_through_epoch=state.epoch)
@@ -269,6 +296,7 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | LocalSession) ->
             device=device,
             generator=generator,
             amp=amp,
+            channels_last=channels_last,
         )
         metrics: dict[str, Any] = {
             "epoch": epoch,
@@ -284,7 +312,15 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | LocalSession) ->
             val_loader = build_eval_loader(
                 spec.data, batch_size=spec.batch_size, rank=rank, world_size=world_size
             )
-            counts = evaluate(model, val_loader, ks, spec.data.num_classes, device=device, amp=amp)
+            counts = evaluate(
+                model,
+                val_loader,
+                ks,
+                spec.data.num_classes,
+                device=device,
+                amp=amp,
+                channels_last=channels_last,
+            )
             for k in ks:
                 metrics[f"val_top{k}"] = counts.accuracy(k)
                 metrics[f"val_macro_top{k}"] = counts.macro_accuracy(k)

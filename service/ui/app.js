@@ -23,7 +23,7 @@ function build(node, attrs, children) {
     if (value === null || value === undefined || value === false) continue;
     node.setAttribute(name, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     node.append(child instanceof Node ? child : String(child));
   }
@@ -48,10 +48,14 @@ function isNumber(value) {
   return typeof value === "number" && Number.isFinite(value);
 }
 
+// A loss or an accuracy.
 function formatNumber(value) {
   if (!isNumber(value)) return "—";
-  if (Number.isInteger(value)) return String(value);
   return Math.abs(value) < 10 ? value.toFixed(3) : value.toFixed(1);
+}
+
+function formatCount(value) {
+  return isNumber(value) ? String(value) : "—";
 }
 
 function formatTime(iso) {
@@ -177,7 +181,7 @@ function handleError(error) {
 let current = { stop() {} };
 
 function show(...nodes) {
-  $("view").replaceChildren(...nodes);
+  $("view").replaceChildren(...nodes.filter((node) => node !== null));
 }
 
 function showLogin(message) {
@@ -315,7 +319,7 @@ function jobsTable(rows) {
                 )
               : null,
           ),
-          el("td", { class: "num" }, formatNumber(summary.epoch)),
+          el("td", { class: "num" }, formatCount(summary.epoch)),
           el("td", { class: "num", "data-field": "loss" }, formatNumber(summary.loss)),
           el("td", { "data-field": "best" }, summary.best),
           el("td", null, formatTime(record.created_at)),
@@ -511,10 +515,11 @@ function topK(trainSpec) {
   return Math.max(...ks.filter(Number.isInteger), 1);
 }
 
-function seriesOf(epochs, key, label) {
+// One line of a chart: `metric` per epoch; `key` names it in the SVG (data-series).
+function seriesOf(epochs, metric, label, key = metric) {
   const points = epochs
-    .filter((epoch) => isNumber(epoch.epoch) && isNumber(epoch[key]))
-    .map((epoch) => [epoch.epoch, epoch[key]]);
+    .filter((epoch) => isNumber(epoch.epoch) && isNumber(epoch[metric]))
+    .map((epoch) => [epoch.epoch, epoch[metric]]);
   return { key, label, points };
 }
 
@@ -621,7 +626,7 @@ function renderSweep(record, curves) {
               ),
               el("td", { class: "num" }, formatNumber(metrics[metric])),
               el("td", { class: "num" }, formatNumber(metrics.train_loss)),
-              el("td", { class: "num" }, formatNumber(metrics.epoch)),
+              el("td", { class: "num" }, formatCount(metrics.epoch)),
             );
           }),
         ),
@@ -673,12 +678,16 @@ function renderSweep(record, curves) {
           lineChart({
             id: "trial-metric",
             title: `${metric} per epoch, by trial`,
-            series: curves.map(([trial, epochs]) => seriesOf(epochs, metric, trial.trial_id)),
+            series: curves.map(([trial, epochs]) =>
+              seriesOf(epochs, metric, trial.trial_id, trial.trial_id),
+            ),
           }),
           lineChart({
             id: "trial-loss",
             title: "Training loss per epoch, by trial",
-            series: curves.map(([trial, epochs]) => seriesOf(epochs, "train_loss", trial.trial_id)),
+            series: curves.map(([trial, epochs]) =>
+              seriesOf(epochs, "train_loss", trial.trial_id, trial.trial_id),
+            ),
           }),
         ),
       ),
@@ -728,8 +737,8 @@ function lineChart({ id, title, series, yDomain }) {
     "aria-label": title,
     class: "plot",
   });
-  for (let i = 0; i <= 4; i += 1) {
-    const value = y0 + ((y1 - y0) * i) / 4;
+  const ticks = niceTicks(y0, y1);
+  for (const value of ticks.values) {
     chart.append(
       svg("line", {
         class: "grid-line",
@@ -741,7 +750,7 @@ function lineChart({ id, title, series, yDomain }) {
       svg(
         "text",
         { class: "tick", x: margin.left - 6, y: round(y(value)) + 4, "text-anchor": "end" },
-        formatTick(value, y1 - y0),
+        value.toFixed(ticks.decimals),
       ),
     );
   }
@@ -824,10 +833,16 @@ function lineChart({ id, title, series, yDomain }) {
   return figure;
 }
 
-function formatTick(value, span) {
-  if (span >= 10) return value.toFixed(0);
-  if (span >= 1) return value.toFixed(1);
-  return value.toFixed(2);
+// About `count` round values (steps of 1, 2 or 5 times a power of ten) between lo and hi.
+function niceTicks(lo, hi, count = 5) {
+  const raw = (hi - lo) / count;
+  const power = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * power).find((candidate) => candidate >= raw);
+  const values = [];
+  for (let value = Math.ceil(lo / step) * step; value <= hi + step * 1e-9; value += step) {
+    values.push(Math.abs(value) < step * 1e-9 ? 0 : value);
+  }
+  return { values, decimals: Math.max(0, -Math.floor(Math.log10(step))) };
 }
 
 // -- start ---------------------------------------------------------------------------------------

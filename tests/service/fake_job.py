@@ -1,7 +1,7 @@
 """A stand-in for `python -m jobs train|sweep` in the service's Ray tests (the launcher and
 reconciler paths, crash/restart and queue tests), so they run in seconds. It writes what the
-training runtime writes (ROOT/RUN/metrics.jsonl, result.json; sweep.json for sweeps) and
-behaves as the spec's `name` asks:
+training runtime writes (ROOT/RUN/metrics.jsonl, result.json; for sweeps sweep.json and each
+trial's trials/trial-<id>/metrics.jsonl) and behaves as the spec's `name` asks:
 
 - name starting "sleep<N>": run N seconds (one epoch per second) before succeeding;
 - "flaky": the first attempt exits 1 without result.json (an infrastructure-like death),
@@ -97,10 +97,26 @@ if args.kind == "sweep":
             "trial_id": f"t{i}",
             "params": {"optim.lr": lr},
             "status": "TERMINATED",
-            "metrics": {"val_top5": 0.5 + i / 10},
+            "metrics": {
+                "epoch": seconds,
+                "train_loss": 1.0 / (seconds + i),
+                "val_top5": 0.5 + i / 10,
+            },
         }
         for i, lr in enumerate((0.1, 0.01))
     ]
+    for i, trial in enumerate(trials):  # each trial's own run, as jobs/sweep.py lays it out
+        trial_dir = run_dir / "trials" / f"trial-{trial['trial_id']}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        epochs = [
+            {
+                "epoch": epoch,
+                "train_loss": 1.0 / (epoch + i),
+                "val_top5": (0.5 + i / 10) * epoch / seconds,
+            }
+            for epoch in range(1, seconds + 1)
+        ]
+        (trial_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
     (run_dir / "sweep.json").write_text(
         json.dumps(
             {

@@ -5,6 +5,7 @@ and on PostgreSQL."""
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def test_health_and_ready_need_no_token(api):
     ("method", "path"),
     [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/job-x"),
      ("GET", "/v1/sweeps"), ("POST", "/v1/jobs/job-x/cancel"), ("GET", "/v1/jobs/job-x/logs"),
-     ("GET", "/v1/jobs/job-x/metrics")],
+     ("GET", "/v1/jobs/job-x/metrics"), ("GET", "/v1/sweeps/sweep-x/trials/t0/metrics")],
 )  # fmt: skip
 def test_every_v1_route_needs_a_valid_token(api, method, path):
     server, *_ = api
@@ -312,6 +313,95 @@ def test_metrics_history_comes_from_the_run_folder(api):
         )
         history = http.get(f"/v1/jobs/{job['id']}/metrics").json()["epochs"]
         assert history == lines  # the half-written last line is not an epoch yet
+
+
+def test_sweep_trial_metrics_come_from_each_trials_run(api):
+    server, _, alice, bob, storage = api
+    shards = Path(storage).parent / "shards"  # local shards must exist at submission
+    shards.mkdir(exist_ok=True)
+    for name in ("train-000.tar", "train-001.tar", "val-000.tar"):
+        (shards / name).touch()
+    data = {**tiny_spec()["data"], "train": f"{shards}/train-{{000..001}}.tar",
+            "val": f"{shards}/val-000.tar"}  # fmt: skip
+    train = tiny_spec("trials", data=data)
+    sweep = {"train": train, "search": {"optim.lr": {"grid": [0.1, 0.01]}}}
+    with client_for(server, alice) as http, client_for(server, bob) as as_bob:
+        created = http.post("/v1/sweeps", json=sweep)
+        assert created.status_code == 201, created.text
+        sweep_id = created.json()["id"]
+        trial_url = f"/v1/sweeps/{sweep_id}/trials/a1b2c_00000/metrics"
+        assert http.get(trial_url).status_code == 404  # no trial table before the sweep ends
+        run_dir = Path(storage) / sweep_id
+        (run_dir / "trials" / "trial-a1b2c_00000").mkdir(parents=True)
+        lines = [{"epoch": 1, "train_loss": 2.0, "val_top5": 0.4},
+                 {"epoch": 2, "train_loss": 1.5, "val_top5": 0.6}]  # fmt: skip
+        (run_dir / "trials" / "trial-a1b2c_00000" / "metrics.jsonl").write_text(
+            "".join(json.dumps(line) + "\n" for line in lines)
+        )
+        trials = [{"trial_id": "a1b2c_00000", "params": {"optim.lr": 0.1}},
+                  {"trial_id": "a1b2c_00001", "params": {"optim.lr": 0.01}},
+                  {"trial_id": "not a name", "params": {}}]  # fmt: skip
+        (run_dir / "sweep.json").write_text(json.dumps({"trials": trials}))
+
+        assert http.get(trial_url).json() == {
+            "job_id": sweep_id,
+            "trial_id": "a1b2c_00000",
+            "epochs": lines,
+        }
+        # a listed trial that has not written an epoch yet
+        second = http.get(f"/v1/sweeps/{sweep_id}/trials/a1b2c_00001/metrics")
+        assert second.status_code == 200 and second.json()["epochs"] == []
+        for path in (
+            f"/v1/sweeps/{sweep_id}/trials/a1b2c_00009/metrics",  # not in the trial table
+            f"/v1/sweeps/{sweep_id}/trials/not%20a%20name/metrics",  # listed, but not a name
+        ):
+            response = http.get(path)
+            assert response.status_code == 404 and response.json()["error"] == "not_found", path
+        assert as_bob.get(trial_url).status_code == 404  # another owner's sweep
+        job = http.post("/v1/jobs", json=train).json()
+        assert http.get(f"/v1/sweeps/{job['id']}/trials/a1b2c_00000/metrics").status_code == 404
+        assert http.get(f"/v1/jobs/{job['id']}/trials/a1b2c_00000/metrics").status_code == 404
+
+
+def test_ui_and_docs_are_served_from_the_package_under_a_strict_policy(api):
+    server, *_ = api
+    with httpx.Client(base_url=server.url) as http:  # static pages: no token needed
+        redirect = http.get("/ui")
+        assert redirect.status_code == 307 and redirect.headers["location"] == "ui/"
+        for path, media_type in (
+            ("/ui/", "text/html"),
+            ("/ui/app.js", "text/javascript"),
+            ("/ui/style.css", "text/css"),
+        ):
+            response = http.get(path)
+            assert response.status_code == 200, path
+            assert response.headers["content-type"].startswith(media_type)
+            policy = response.headers["content-security-policy"]
+            assert "default-src 'none'" in policy and "script-src 'self';" in policy
+            assert "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert response.headers["referrer-policy"] == "no-referrer"
+        # only the UI's own files, by name
+        for path in (
+            "/ui/app.py",
+            "/ui/..%2Fapp.py",
+            "/ui/%2e%2e/web.py",
+            "/docs/assets/README.md",
+        ):
+            assert http.get(path).status_code == 404, path
+
+        docs = http.get("/docs")
+        assert docs.status_code == 200
+        script_policy = docs.headers["content-security-policy"].split("script-src")[1].split(";")[0]
+        assert "'sha256-" in script_policy and "unsafe" not in script_policy
+        sources = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+        assert len(sources) == 3  # the bundle, its stylesheet, the icon
+        for source in sources:
+            assert not source.startswith(("http:", "https:", "//")), source
+            assert http.get(f"/{source}").status_code == 200, source  # relative to /docs
+        assert http.get("/redoc").status_code == 404
+        paths = http.get("/openapi.json").json()["paths"]
+        assert not [path for path in paths if path.startswith(("/ui", "/docs"))]
 
 
 def test_sweeps_have_their_own_collection(api):
