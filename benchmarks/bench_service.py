@@ -133,6 +133,11 @@ def main() -> int:
     parser.add_argument("--database-url", help="default: SQLite under a temporary data dir")
     args = parser.parse_args()
 
+    # The spec's local shards must exist at submission (the server stats them); empty files do.
+    Path("/tmp/bench").mkdir(exist_ok=True)
+    for i in range(10):
+        Path(f"/tmp/bench/train-{i:03d}.tar").touch()
+    Path("/tmp/bench/val-000.tar").touch()
     with tempfile.TemporaryDirectory(prefix="topk-bench-") as data_dir:
         database_url = args.database_url or f"sqlite:///{data_dir}/topk.db"
         store = Store.from_url(database_url)

@@ -179,6 +179,8 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         return exit_codes.USAGE
 
     print(f"{kind} run {run_name!r} under {root}", flush=True)
+    from jobs.training.run import settle_worker_output
+
     try:
         if kind == "train":
             from jobs.training.run import run_training
@@ -190,16 +192,22 @@ def _run(args: argparse.Namespace, kind: str) -> int:
                 address=args.address,
                 on_epoch=lambda record: print_epoch(record, spec.epochs),
             )
-            print(json.dumps({"run": run_name, **result}, indent=2, default=str))
         else:
-            from jobs.sweep import format_trial_table, run_sweep
+            from jobs.sweep import run_sweep
 
             summary = run_sweep(spec, run_name, storage=root, address=args.address)
-            print(format_trial_table(summary))
-            print(f"best config: {root}/{run_name}/sweep.json (best_config)")
     except (RuntimeError, ValueError, OSError) as exc:
+        settle_worker_output()  # the workers' last lines first, then the error
         print(f"error: {kind} run {run_name!r} failed: {exc}", file=sys.stderr)
         return exit_codes.FAILED
+    settle_worker_output()  # the workers' last lines first, then the result
+    if kind == "train":
+        print(json.dumps({"run": run_name, **result}, indent=2, default=str))
+    else:
+        from jobs.sweep import format_trial_table
+
+        print(format_trial_table(summary))
+        print(f"best config: {root}/{run_name}/sweep.json (best_config)")
     return exit_codes.OK
 
 

@@ -5,17 +5,20 @@ TrainSpec (`jobs.spec.sweep.apply_params`, which validates again) and runs a Tor
 (Ray Train V2 pattern: the trainer reports to Tune through TuneReportCallback). ASHA stops weak
 trials on the per-epoch metric. Files under ROOT/RUN: spec.json (the sweep), tune/ (Tune's
 state), trials/<trial>/ (each trial's run: metrics.jsonl, checkpoints/, result.json) and
-sweep.json (the trial table, best params, best config as a valid training spec).
+sweep.json: the trial table, rewritten while the sweep runs as trials start, report an epoch and
+end ("complete": false, trial statuses pending/running/paused/completed/stopped/error), and at
+the end with the best params and the best config as a valid training spec ("complete": true).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
 
 from jobs.spec.io import resolve_class_counts
-from jobs.spec.sweep import SweepSpec, apply_params
+from jobs.spec.sweep import SweepSpec, apply_params, describe_best
 from jobs.spec.train import TrainSpec
 from jobs.training.run import build_trainer, ensure_ray, summarize_run
 from jobs.training.storage import (
@@ -27,7 +30,10 @@ from jobs.training.storage import (
     write_json,
 )
 
+logger = logging.getLogger(__name__)
+
 _REPORTED_PREFIXES = ("epoch", "train_loss", "val_", "samples_per_second", "skipped", "lr")
+_LIVE_STATUSES = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused"}
 
 
 def _trial_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -51,6 +57,71 @@ def run_trial(config: dict[str, Any], *, base_spec: dict[str, Any], sweep_dir: s
     trainer = build_trainer(spec, trial_dir, callbacks=[TuneReportCallback()])
     trainer.fit()
     write_json(join(trial_dir, "result.json"), summarize_run(spec, trial_dir))
+
+
+def _finished_status(metrics: dict[str, Any], epochs: int) -> str:
+    """A trial that ended without an error: "completed" all its epochs, or "stopped" by ASHA."""
+    return "completed" if metrics.get("epoch", 0) >= epochs else "stopped"
+
+
+def live_trial_table(sweep: SweepSpec, sweep_dir: str) -> Any:
+    """A Tune callback that rewrites ROOT/RUN/sweep.json with the trial table whenever a trial
+    starts, reports an epoch or ends, so that the running sweep's trials can be followed (the
+    service's sweep record and `topk sweeps status` read that file). Best effort: a write that
+    fails is logged and the sweep goes on."""
+    from ray import tune
+
+    epochs = sweep.train.epochs
+
+    class LiveTrialTable(tune.Callback):
+        def __init__(self) -> None:
+            self.ended: dict[str, str] = {}  # trial id -> "completed" | "stopped" | "error"
+
+        def row(self, trial: Any) -> dict[str, Any]:
+            metrics = _trial_metrics(trial.last_result)
+            status = self.ended.get(trial.trial_id)
+            if status is None and trial.status == "TERMINATED":
+                status = _finished_status(metrics, epochs)
+            elif status is None:
+                status = "error" if trial.status == "ERROR" else None
+            return {
+                "trial_id": trial.trial_id,
+                "params": dict((trial.config or {}).get("params") or {}),
+                "status": status or _LIVE_STATUSES.get(trial.status, str(trial.status).lower()),
+                "metrics": metrics,
+                "error": None,
+            }
+
+        def write(self, trials: list[Any]) -> None:
+            table = {
+                "metric": sweep.metric,
+                "mode": sweep.mode,
+                "complete": False,
+                "trials": [self.row(trial) for trial in trials],
+                "best_params": None,
+                "best_config": None,
+            }
+            try:
+                write_json(join(sweep_dir, "sweep.json"), table)
+            except Exception as exc:  # a storage blip must not stop the sweep
+                logger.warning("could not write the live trial table: %s", exc)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.write(trials)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.write(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            # Called before Tune marks the trial TERMINATED.
+            self.ended[trial.trial_id] = _finished_status(_trial_metrics(trial.last_result), epochs)
+            self.write(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.ended[trial.trial_id] = "error"
+            self.write(trials)
+
+    return LiveTrialTable()
 
 
 def default_concurrency(spec: TrainSpec) -> int:
@@ -126,6 +197,7 @@ def run_sweep(
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             verbose=1,
+            callbacks=[live_trial_table(sweep, sweep_dir)],
         ),
     )
     results = tuner.fit()
@@ -133,12 +205,7 @@ def run_sweep(
     trials = []
     for result in results:
         metrics = _trial_metrics(result.metrics)
-        if result.error is not None:
-            status = "error"
-        elif metrics.get("epoch", 0) < train.epochs:
-            status = "stopped"
-        else:
-            status = "completed"
+        status = "error" if result.error is not None else _finished_status(metrics, train.epochs)
         trials.append(
             {
                 "trial_id": (result.metrics or {}).get("trial_id")
@@ -154,6 +221,7 @@ def run_sweep(
         summary = {
             "metric": sweep.metric,
             "mode": sweep.mode,
+            "complete": True,
             "trials": trials,
             "best_params": None,
             "best_config": None,
@@ -177,6 +245,7 @@ def run_sweep(
     summary = {
         "metric": sweep.metric,
         "mode": sweep.mode,
+        "complete": True,
         "trials": trials,
         "best_trial_id": best["trial_id"],
         "best_params": best["params"],
@@ -242,7 +311,15 @@ def format_trial_table(summary: dict[str, Any]) -> str:
         for row in rows
     ]
     if summary.get("best_params") is not None:
-        lines.append(f"best: {summary['best_trial_id']} {summary['best_params']}")
+        best_id = summary.get("best_trial_id")
+        best = next((t for t in summary["trials"] if t["trial_id"] == best_id), {})
+        best_line = describe_best(
+            summary["best_params"],
+            metric=metric,
+            value=best.get("metrics", {}).get(metric),
+            trial=best_id,
+        )
+        lines.append(f"best: {best_line}")
     return "\n".join(lines)
 
 

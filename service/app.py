@@ -26,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import db, run_storage
+from service import db, package_version, run_storage
 from service.job_writer import JobWriter
 from service.launcher import LaunchError, RayLauncher
 from service.local_ray import HeadSupervisor
@@ -109,6 +109,11 @@ class JobPage(BaseModel):
 class MetricsHistory(BaseModel):
     job_id: str
     epochs: list[dict[str, Any]]
+
+
+class ServiceInfo(BaseModel):
+    version: str
+    ray_dashboard_url: str | None
 
 
 class TrialMetricsHistory(MetricsHistory):
@@ -268,11 +273,27 @@ def create_app(
     app.add_middleware(_RequestMetricsMiddleware)
     _install_error_handlers(app)
     app.include_router(_health_router())
+    app.include_router(_info_router())
     app.include_router(_jobs_router("train", "/v1/jobs"))
     app.include_router(_jobs_router("sweep", "/v1/sweeps"))
     _install_openapi_bodies(app)
     install_pages(app)
     return app
+
+
+def _info_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["service"])
+
+    @router.get("/info", response_model=ServiceInfo, name="service_info")
+    def info(services: ServicesDep, _owner: OwnerDep) -> ServiceInfo:
+        """The service's version and the Ray dashboard of the cluster its jobs run on (each job
+        record's `dashboard_url` points into it). Behind the token, unlike /readyz: probes need
+        no addresses."""
+        return ServiceInfo(
+            version=package_version(), ray_dashboard_url=services.settings.ray_dashboard_url
+        )
+
+    return router
 
 
 def _health_router() -> APIRouter:

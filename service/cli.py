@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from jobs import exit_codes
+from service import package_version
 
 SUBCOMMAND_MODULES = (
     "jobs.data.cli",  # topk shards build|inspect
@@ -22,26 +23,26 @@ SUBCOMMAND_MODULES = (
 )
 
 
-def package_version() -> str:
-    """The installed topk-service version (its distribution's metadata)."""
-    from importlib.metadata import PackageNotFoundError, version
+class _PrintVersion(argparse.Action):
+    """`topk --version`: the package metadata is read only when asked for."""
 
-    try:
-        return version("topk-service")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="topk",
         description="Train image classifiers with stochastic top-K losses on Ray.",
-        epilog="exit codes: "
-        + "; ".join(f"{code} {meaning}" for code, meaning in exit_codes.TABLE),
+        epilog="exit codes:\n"
+        + "\n".join(f"  {code}  {meaning}" for code, meaning in exit_codes.TABLE),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {package_version()}"
-    )
+    parser.add_argument("--version", action=_PrintVersion, help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMAND_MODULES:
         try:

@@ -233,9 +233,7 @@ def _terminate(signum, _frame) -> None:
     raise _Terminated(signal.Signals(signum).name)
 
 
-def serve(
-    settings, *, ray_cpus: int, dashboard_port: int | None = None, announce=_announce
-) -> int:
+def serve(settings, *, ray_cpus: int, dashboard_port: int | None = None, announce=_announce) -> int:
     """Run the API until SIGTERM or SIGINT; with no TOPK_RAY_ADDRESS, a local Ray head runs
     with it: the one recorded in the data dir when it is still alive (a killed server left it),
     else a new one (its dashboard on `dashboard_port` when given). The head is stopped when the

@@ -264,6 +264,7 @@ class _ShardStream(IterableDataset):
         shards: ShardSet,
         *,
         num_classes: int,
+        label_key: str,
         train: bool,
         batch_size: int,
         rank: int,
@@ -279,6 +280,7 @@ class _ShardStream(IterableDataset):
     ) -> None:
         super().__init__()
         self.shards, self.num_classes, self.train = shards, num_classes, train
+        self.label_key = label_key
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.epoch, self.seed, self.steps = epoch, seed, steps
         self.size, self.channels, self.augment = size, channels, augment
@@ -355,6 +357,8 @@ class _ShardStream(IterableDataset):
                     for record in read_shard_records(
                         stream,
                         num_classes=self.num_classes,
+                        label_key=self.label_key,
+                        url=url,
                         expected_samples=self.shards.samples[task.shard]
                         if self.shards.samples is not None
                         else None,
@@ -565,6 +569,7 @@ def build_train_loader(
     stream = _ShardStream(
         shards,
         num_classes=data.num_classes,
+        label_key=data.label_key,
         train=True,
         batch_size=batch_size,
         rank=rank,
@@ -607,6 +612,7 @@ def build_eval_loader(
     stream = _ShardStream(
         shards,
         num_classes=data.num_classes,
+        label_key=data.label_key,
         train=False,
         batch_size=batch_size,
         rank=rank,

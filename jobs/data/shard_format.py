@@ -1,34 +1,54 @@
-"""The shard format: plain tars of consecutive members `<key>.<image ext>` + `<key>.cls`.
+"""The shard format: WebDataset tars, read and written with the `webdataset` package.
 
-Writing (`ShardWriter`, with `tarfile`) and streaming reads (`read_shard_records`) of one
-shard, as bytes: no decoding here and nothing that runs code from the data (no pickle, no
-`pipe:`). Reads use our own forward-only tar member reader (`TarMemberReader`), so any fsspec
-file object works and a cut-off archive is told apart from a whole one.
+A sample is a run of consecutive tar members `<key>.<ext>`: an image (`jpg`/`jpeg`/`png`/`webp`)
+and its label, either `<key>.cls` (the integer as text, what our writer makes) or a field of
+`<key>.json` (`label_key`, default "label"), the two conventions of shards made by other tools.
+webdataset iterates the tar members (`tar_file_iterator`), groups them into samples
+(`group_by_keys`) and writes them (`TarWriter`). This module adds what the project needs on top:
+
+- the bytes come from our own opener (`jobs.data.urls.open_url`, with its protocol allow-list);
+  webdataset gets an open stream, never a URL, so its `gopen` (and `pipe:`) is never reached;
+- every sample comes back as a RawSample or as a BadRecord with a reason from SKIP_REASONS;
+- a cut-off archive is told apart from a whole one (`tarfile`'s stream mode, under webdataset,
+  ends quietly at a missing header, so the end-of-archive block is checked here);
+- several readers can split one shard by sample index (`stride`, `offset`) without reading
+  the members of each other's samples.
+
+No decoding here and nothing that runs code from the data: no pickle, no webdataset decoders.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
-import io
+import json
+import lzma
 import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
+
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.writer import TarWriter
 
 from jobs.data.urls import join_url, open_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSION = "cls"
+JSON_EXTENSION = "json"
+DEFAULT_LABEL_KEY = "label"
+_READ_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, LABEL_EXTENSION, JSON_EXTENSION))
 
 # Why a sample was skipped; the order is the layout of the per-batch counters in the pipeline.
 SKIP_REASONS = (
     "bad_image",  # undecodable or truncated image bytes
     "missing_image",
-    "missing_label",
-    "bad_label",  # `.cls` is not an integer
+    "missing_label",  # no `.cls`, and no `.json` with the label field
+    "bad_label",  # the label is not an integer (or the `.json` is not JSON)
     "label_out_of_range",
     "non_contiguous_key",  # a key's members are split by another key's
+    "duplicate_member",  # one member name twice in a sample
     "truncated_tar",  # the archive ends early or is not a tar
 )
 
@@ -39,7 +59,7 @@ class ShardReadError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class RawSample:
-    """One good sample as stored: `index` counts the sample groups of its shard from 0."""
+    """One good sample as stored: `index` counts the samples of its shard from 0."""
 
     key: str
     index: int
@@ -58,17 +78,39 @@ class BadRecord:
     detail: str = ""
 
 
-class TarFormatError(Exception):
-    """The bytes are not a whole tar archive (cut short, bad header)."""
+def split_member_name(name: str) -> tuple[str | None, str]:
+    """`dir/abc.seg.PNG` -> ("dir/abc", "seg.png"): the key ends at the first dot of the base
+    name, the extension is lower-cased. (None, "") for a name that has no key and extension
+    (no dot, or a base name starting with one): such a member belongs to no sample, as in
+    webdataset's own `base_plus_ext`."""
+    start = name.rfind("/") + 1
+    dot = name.find(".", start)
+    if dot <= start:
+        return None, ""
+    return name[:dot], name[dot + 1 :].lower()
 
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
-_REGULAR_FILE_TYPES = (b"0", b"\0", b"7")
+
+
+def _decompressor(head: bytes) -> Any:
+    """The reader class for a compressed stream starting with `head` (magic numbers as
+    `tarfile` tells them), or None for a plain one."""
+    if head.startswith(b"\x1f\x8b\x08"):
+        return lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")
+    if head.startswith(b"BZh") and head[4:10] == b"1AY&SY":
+        return lambda raw: bz2.BZ2File(raw, "rb")
+    if head.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
+        return lambda raw: lzma.LZMAFile(raw, "rb")
+    return None
+
+
+_BROKEN_ARCHIVE = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 
 
 class _Prefixed:
-    """A read-only stream: `head` bytes, then the rest of `stream` (for gzip sniffing)."""
+    """A read-only stream: `head`, then the rest of `stream` (to sniff compression)."""
 
     def __init__(self, head: bytes, stream: IO[bytes]) -> None:
         self.head, self.stream = head, stream
@@ -83,209 +125,247 @@ class _Prefixed:
         return data if len(data) == size else data + self.stream.read(size - len(data))
 
 
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for large values
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise TarFormatError(f"bad number field {field!r} in a tar header") from None
+class _TarBytes:
+    """The uncompressed tar bytes of a shard, as webdataset's reader gets them.
 
-
-class TarMemberReader:
-    """A forward-only reader of tar members, ustar/GNU/pax names, plain or gzip-compressed.
-
-    `next_member()` returns (name, size) of the next regular file, or None at the end-of-archive
-    block; `read_data()` returns that member's bytes (call it at most once per member; unread
-    data is skipped). Raises TarFormatError when the archive is cut short or a header is
-    corrupt, so a caller can tell a whole archive from a truncated one: `tarfile` in stream
-    mode ends quietly at a cut-off header. This costs about a third of `tarfile`'s time per
-    member, which is most of the per-sample cost of reading small images.
+    Decompresses gzip, bzip2 and xz here rather than in `tarfile` (those streams then report
+    a missing end), and watches the bytes that pass for `end_problem`.
     """
 
-    def __init__(self, stream: IO[bytes]) -> None:
-        self._stream: IO[bytes] | _Prefixed = stream
-        self._skip = 0  # bytes of data and padding before the next header
-        self._size = 0
-        self._first = True
+    def __init__(self, stream: IO[bytes], name: str) -> None:
+        self._name = name
+        head = stream.read(_BLOCK)
+        self._source: Any = _Prefixed(head, stream)
+        decompressor = _decompressor(head)
+        if decompressor is not None:
+            self._source = decompressor(self._source)
+        self.length = 0
+        self._tail = b""  # the last _BLOCK bytes read
 
-    def _read_exact(self, size: int) -> bytes:
-        data = self._stream.read(size)
-        while len(data) < size:  # some remote streams return short reads before the end
-            more = self._stream.read(size - len(data))
-            if not more:
-                break
-            data += more
+    def __str__(self) -> str:  # webdataset names the stream in its error messages
+        return self._name
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self.length += len(data)
+        self._tail = data[-_BLOCK:] if len(data) >= _BLOCK else (self._tail + data)[-_BLOCK:]
         return data
 
-    def _header(self) -> bytes:
-        if self._skip:
-            if len(self._read_exact(self._skip)) < self._skip:
-                raise TarFormatError("unexpected end of data")
-            self._skip = 0
-        header = self._read_exact(_BLOCK)
-        if self._first:
-            self._first = False
-            if header[:2] == b"\x1f\x8b":  # a .tar.gz: decompress on the fly
-                self._stream = gzip.GzipFile(fileobj=_Prefixed(header, self._stream))  # type: ignore[arg-type]
-                header = self._read_exact(_BLOCK)
-        if len(header) < _BLOCK:
-            raise TarFormatError(
-                "the archive ends without its end-of-archive block"
-                if not header
-                else "truncated header"
-            )
-        return header
+    def end_problem(self) -> str:
+        """'' when the archive ended with its end-of-archive block, else what is wrong.
 
-    def next_member(self) -> tuple[str, int] | None:
-        long_name: str | None = None
-        while True:
-            header = self._header()
-            if header == _ZERO_BLOCK:
-                return None
-            stored = _octal(header[148:156])
-            if stored != sum(header) - sum(header[148:156]) + 8 * 32:
-                raise TarFormatError("bad tar header checksum (not a tar archive, or corrupt)")
-            size = _octal(header[124:136])
-            padded = -(-size // _BLOCK) * _BLOCK
-            kind = header[156:157]
-            if kind in (b"L", b"x"):  # GNU long name / pax extended header for the next member
-                data = self._read_exact(padded)
-                if len(data) < padded:
-                    raise TarFormatError("unexpected end of data")
-                long_name = _long_name(kind, data[:size]) or long_name
-                continue
-            if kind not in _REGULAR_FILE_TYPES:
-                self._skip = padded
-                long_name = None
-                continue
-            name = long_name or _header_name(header)
-            self._size, self._skip = size, padded
-            return name, size
-
-    def read_data(self) -> bytes:
-        data = self._read_exact(self._size)
-        if len(data) < self._size:
-            raise TarFormatError("unexpected end of data")
-        self._skip -= self._size
-        self._size = 0
-        return data
+        Called after the tar reader stopped without an error; reads what it left. The tar
+        reader stops quietly at a cut inside or before a header, and at a corrupt header; then
+        the stream does not end with a zero block (a cut) or holds data after the point where
+        the reader stopped (a corrupt header, unless it is in the last 10 KiB that the reader
+        had already buffered). Decompressors check their own end marker and checksum here.
+        """
+        data_left = False
+        while chunk := self.read(1 << 16):
+            data_left = data_left or chunk.count(0) != len(chunk)
+        if self.length % _BLOCK or self._tail != _ZERO_BLOCK:
+            return "the archive ends without its end-of-archive block"
+        if data_left:
+            return "unreadable member header before the end of the archive"
+        return ""
 
 
-def _header_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0]
-    if header[257:263] == b"ustar\0":  # POSIX ustar: a path prefix field (GNU uses it otherwise)
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    return name.decode("utf-8", "surrogateescape")
+class _SampleNumbers:
+    """Numbers the samples of one shard for one reader, between webdataset's two stages.
+
+    `tar_file_iterator` asks `select(name)` before it reads a member, and `group_by_keys` asks
+    `keys(name)` for each member selected, before the next `select`; so both see the members
+    in order. A sample is a run of members with one key; samples are numbered from 0, and this
+    reader keeps those whose number % stride == offset: the members of other samples, and of
+    extensions no sample uses, are not even read. The key handed to group_by_keys carries the
+    number, so a key that comes back after another one makes a second sample (reported as
+    non_contiguous_key) instead of joining the first.
+    """
+
+    def __init__(self, stride: int, offset: int) -> None:
+        self.stride, self.offset = stride, offset
+        self.index = -1
+        self.key: str | None = None
+        self.seen: set[str] = set()
+        self.split: set[int] = set()  # samples whose key came before (this reader's only)
+        self.duplicated: set[int] = set()
+        self.unread: list[tuple[int, str]] = []  # this reader's samples with no member read
+        self._mine = False
+        self._read_any = False
+        self._extensions: set[str] = set()
+        self._extension = ""
+
+    def _close_sample(self) -> None:
+        if self._mine and not self._read_any and self.key is not None:
+            self.unread.append((self.index, self.key))
+
+    def select(self, name: str) -> bool:
+        key, extension = split_member_name(name)
+        if key is None:
+            return False
+        if key != self.key:
+            self._close_sample()
+            self.index += 1
+            self.key = key
+            self._mine = self.index % self.stride == self.offset
+            if self._mine and key in self.seen:
+                self.split.add(self.index)
+            self.seen.add(key)
+            self._read_any = False
+            self._extensions = set()
+        if not self._mine or extension not in _READ_EXTENSIONS:
+            return False
+        if extension in self._extensions:
+            self.duplicated.add(self.index)
+        self._extensions.add(extension)
+        self._extension = extension
+        self._read_any = True
+        return True
+
+    def keys(self, name: str) -> tuple[tuple[int, str], str]:
+        assert self.key is not None
+        return (self.index, self.key), self._extension
+
+    def on_group_error(self, exc: Exception) -> bool:
+        """group_by_keys' handler: a repeated member name is reported with its sample (True:
+        go on without the repeat); anything else is raised."""
+        if isinstance(exc, ValueError) and self.index in self.duplicated:
+            return True
+        raise exc
+
+    def finish(self) -> None:
+        self._close_sample()
+        self._mine = False
 
 
-def _long_name(kind: bytes, data: bytes) -> str | None:
-    if kind == b"L":
-        return data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-    for record in data.split(b"\n"):  # pax records: b"<length> <key>=<value>"
-        _, _, item = record.partition(b" ")
-        key, _, value = item.partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "surrogateescape")
-    return None
+def _with_url(members: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+    """group_by_keys wants each member to name its shard, as webdataset's URL stage does."""
+    for member in members:
+        member["__url__"] = url
+        yield member
 
 
-def split_member_name(name: str) -> tuple[str, str]:
-    """`dir/abc.seg.png` -> ("dir/abc", "seg.png"): the key ends at the first dot of the basename."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    key = f"{folder}/{stem}" if folder else stem
-    return key, (ext.lower() if dot else "")
+def _label(sample: dict[str, Any], num_classes: int, label_key: str) -> int | tuple[str, str]:
+    """The sample's label, or (reason, detail) when it has none that can be used."""
+    if LABEL_EXTENSION in sample:
+        text = sample[LABEL_EXTENSION].decode("ascii", errors="replace").strip()
+        try:
+            label = int(text)
+        except ValueError:
+            return "bad_label", f"label {text[:20]!r} is not an integer"
+    elif JSON_EXTENSION in sample:
+        try:
+            document = json.loads(sample[JSON_EXTENSION])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return "bad_label", f".json is not valid JSON ({exc})"
+        if not isinstance(document, dict) or label_key not in document:
+            return "missing_label", f"no .cls member and no {label_key!r} field in .json"
+        value = document[label_key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            return "bad_label", f".json field {label_key!r} is {str(value)[:20]!r}, not an integer"
+        label = value
+    else:
+        return "missing_label", f"no .cls member and no .json with a {label_key!r} field"
+    if not 0 <= label < num_classes:
+        return "label_out_of_range", f"label {label} not in [0, {num_classes})"
+    return label
+
+
+def _record(
+    sample: dict[str, Any], numbers: _SampleNumbers, num_classes: int, label_key: str
+) -> RawSample | BadRecord:
+    index, key = sample["__key__"]
+    if index in numbers.split:
+        return BadRecord(key, index, "non_contiguous_key", "members of this key are not adjacent")
+    if index in numbers.duplicated:
+        return BadRecord(key, index, "duplicate_member", "a member name appears twice")
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if image_ext is None:
+        return BadRecord(key, index, "missing_image", "no .jpg/.jpeg/.png/.webp member")
+    label = _label(sample, num_classes, label_key)
+    if isinstance(label, tuple):
+        return BadRecord(key, index, *label)
+    return RawSample(key, index, sample[image_ext], image_ext, label)
+
+
+def _unread(numbers: _SampleNumbers) -> Iterator[BadRecord]:
+    for index, key in numbers.unread:
+        yield BadRecord(key, index, "missing_image", "no .jpg/.jpeg/.png/.webp member")
+    numbers.unread.clear()
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc.args[0]) if exc.args else type(exc).__name__
+    return text.partition(" @ ")[0]  # webdataset appends " @ <stream>"
 
 
 def read_shard_records(
     stream: IO[bytes],
     *,
     num_classes: int,
+    label_key: str = DEFAULT_LABEL_KEY,
     expected_samples: int | None = None,
     stride: int = 1,
     offset: int = 0,
+    url: str = "",
 ) -> Iterator[RawSample | BadRecord]:
-    """Stream the samples of one tar shard, in order, as RawSample or BadRecord.
+    """Stream the samples of one tar shard (plain or compressed), in order, as RawSample or
+    BadRecord; `stream` is already open (`url` only names it).
 
-    Only sample groups with `index % stride == offset` are yielded (and have their bytes read),
-    so several readers can split one shard by sample index. A truncated or non-tar stream yields
+    Only samples with `index % stride == offset` are yielded (and have their bytes read), so
+    several readers can split one shard by sample index. A truncated or non-tar stream yields
     one BadRecord("truncated_tar") to the reader with offset 0, as does a shard that holds fewer
     samples than `expected_samples`. Raises ShardReadError on I/O errors of the stream itself.
     """
-    seen_keys: set[str] = set()
-    index = -1
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    split_key = False
-    reader = TarMemberReader(stream)
-
-    def finish_group() -> RawSample | BadRecord | None:
-        if key is None or index % stride != offset:
-            return None
-        if split_key:
-            return BadRecord(
-                key, index, "non_contiguous_key", "members of this key are not adjacent"
-            )
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-        if image_ext is None:
-            return BadRecord(key, index, "missing_image", "no .jpg/.jpeg/.png/.webp member")
-        if LABEL_EXTENSION not in members:
-            return BadRecord(key, index, "missing_label", "no .cls member")
-        text = members[LABEL_EXTENSION].decode("ascii", errors="replace").strip()
-        try:
-            label = int(text)
-        except ValueError:
-            return BadRecord(key, index, "bad_label", f"label {text[:20]!r} is not an integer")
-        if not 0 <= label < num_classes:
-            return BadRecord(
-                key, index, "label_out_of_range", f"label {label} not in [0, {num_classes})"
-            )
-        return RawSample(key, index, members[image_ext], image_ext, label)
-
+    numbers = _SampleNumbers(stride, offset)
+    problem = ""
     try:
-        while (member := reader.next_member()) is not None:
-            member_key, ext = split_member_name(member[0])
-            if member_key != key:
-                record = finish_group()
-                if record is not None:
-                    yield record
-                index += 1
-                key, members = member_key, {}
-                split_key = member_key in seen_keys
-                seen_keys.add(member_key)
-            wanted = ext in IMAGE_EXTENSIONS or ext == LABEL_EXTENSION
-            if wanted and index % stride == offset and not split_key:
-                members[ext] = reader.read_data()
-    except (TarFormatError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        # The group being read may have lost members, so it is not used.
-        if offset == 0:
-            what = "not a tar archive" if index < 0 else "archive ends early"
-            yield BadRecord(key or "", max(index, 0), "truncated_tar", f"{what}: {exc}")
-        return
+        archive = _TarBytes(stream, url or "the shard")
+        members = tar_file_iterator(archive, skip_meta=None, select_files=numbers.select)
+        samples = group_by_keys(
+            _with_url(members, url), keys=numbers.keys, handler=numbers.on_group_error
+        )
+        # Each sample is held back until the next one starts: the last one is used only once
+        # the archive turns out whole, since a cut may have taken some of its members.
+        held: dict[str, Any] | None = None
+        for sample in samples:
+            yield from _unread(numbers)
+            if held is not None:
+                yield _record(held, numbers, num_classes, label_key)
+            held = sample
+        problem = archive.end_problem()
+        if not problem:
+            if held is not None:
+                yield _record(held, numbers, num_classes, label_key)
+            numbers.finish()
+            yield from _unread(numbers)
+    except _BROKEN_ARCHIVE as exc:
+        what = "not a tar archive" if numbers.index < 0 else "archive ends early"
+        problem = f"{what}: {_error_text(exc)}"
     except OSError as exc:
         raise ShardReadError(f"reading failed: {exc}") from exc
-    record = finish_group()
-    if record is not None:
-        yield record
-    if expected_samples is not None and index + 1 < expected_samples and offset == 0:
+    key, index = numbers.key or "", max(numbers.index, 0)
+    if problem:
+        if offset == 0:
+            yield BadRecord(key, index, "truncated_tar", problem)
+        return
+    if expected_samples is not None and numbers.index + 1 < expected_samples and offset == 0:
         yield BadRecord(
-            key or "",
-            index + 1,
+            key,
+            numbers.index + 1,
             "truncated_tar",
-            f"{index + 1} samples where dataset.json lists {expected_samples}",
+            f"{numbers.index + 1} samples where dataset.json lists {expected_samples}",
         )
 
 
 class ShardWriter:
-    """Writes samples into numbered tar shards `<prefix>-NNNNNN.tar` under a folder URL.
+    """Writes samples into numbered tar shards `<prefix>-NNNNNN.tar` under a folder URL, with
+    webdataset's TarWriter on streams from `open_url`.
 
-    A new shard starts when the current one holds `max_samples` samples or `max_bytes` bytes.
-    Members get fixed metadata (mtime 0, root owner), so the same input gives identical bytes.
-    `shards` lists (relative path, samples, bytes) of every finished shard.
+    A sample is `<key>.<image ext>` + `<key>.cls`. A new shard starts when the current one holds
+    `max_samples` samples or `max_bytes` bytes. Members get fixed metadata (mtime 0, root owner),
+    so the same input gives identical bytes. `shards` lists (relative path, samples, bytes) of
+    every finished shard.
     """
 
     def __init__(self, folder_url: str, prefix: str, *, max_samples: int, max_bytes: int) -> None:
@@ -295,15 +375,15 @@ class ShardWriter:
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.shards: list[tuple[str, int, int]] = []
         self._file: IO[bytes] | None = None
-        self._tar: tarfile.TarFile | None = None
+        self._tar: TarWriter | None = None
         self._samples = 0
         self._bytes = 0
 
     def _open_next(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._file = open_url(join_url(self.folder_url, name), "wb")
-        self._tar = tarfile.open(  # noqa: SIM115 (closed by _close_current)
-            fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT
+        self._tar = TarWriter(
+            self._file, user="root", group="root", mode=0o644, mtime=0, encoder=False
         )
         self._samples = self._bytes = 0
         self.shards.append((name, 0, 0))
@@ -311,19 +391,12 @@ class ShardWriter:
     def _close_current(self) -> None:
         if self._tar is None or self._file is None:
             return
-        self._tar.close()
+        self._tar.close()  # ends the archive; the stream is ours to close
         size = self._file.tell()
         self._file.close()
         name, _, _ = self.shards[-1]
         self.shards[-1] = (name, self._samples, size)
         self._tar = self._file = None
-
-    def _add_member(self, name: str, data: bytes) -> None:
-        assert self._tar is not None
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        self._tar.addfile(info, io.BytesIO(data))
-        self._bytes += len(data) + 1024  # data plus header and padding, roughly
 
     def write(self, key: str, image: bytes, image_ext: str, label: int) -> None:
         """Append one sample; `key` must not contain '.'."""
@@ -332,8 +405,10 @@ class ShardWriter:
         if self._tar is None or self._samples >= self.max_samples or self._bytes >= self.max_bytes:
             self._close_current()
             self._open_next()
-        self._add_member(f"{key}.{image_ext}", image)
-        self._add_member(f"{key}.{LABEL_EXTENSION}", str(label).encode("ascii"))
+        assert self._tar is not None
+        sample = {"__key__": key, image_ext: image, LABEL_EXTENSION: str(label).encode("ascii")}
+        # data plus a header and padding per member, roughly
+        self._bytes += self._tar.write(sample) + 2 * 1024
         self._samples += 1
 
     def close(self) -> list[tuple[str, int, int]]:

@@ -62,6 +62,9 @@ class DataSpec(BaseModel):
     samples_per_epoch: int | None = Field(None, ge=1)
     loader_workers: int = Field(2, ge=0, le=64)
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    # The field of a sample's `.json` member that holds its class index, for shards made by
+    # other tools; a `.cls` member, when there is one, is the label.
+    label_key: str = Field("label", min_length=1, max_length=200)
 
     @field_validator("train", "val")
     @classmethod

@@ -153,6 +153,24 @@ def apply_params(
     return TrainSpec.model_validate(spec, context=context)
 
 
+def describe_best(
+    params: Mapping[str, Any], *, metric: str, value: Any = None, trial: Any = None
+) -> str:
+    """A sweep's best trial as one line: `optim.lr=0.01, loss.epsilon=0.5 (val_top5 0.8100,
+    trial t3)`; the parenthesis holds what is known of the metric's value and the trial id."""
+    text = ", ".join(f"{path}={_param_text(v)}" for path, v in params.items()) or "(no params)"
+    details = []
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        details.append(f"{metric} {value:.4f}")
+    if trial is not None:
+        details.append(f"trial {trial}")
+    return f"{text} ({', '.join(details)})" if details else text
+
+
+def _param_text(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _parent_of(spec: dict[str, Any], path: str) -> tuple[dict[str, Any] | None, str]:
     """The dict holding the last key of `path` in a dumped spec, or None where it isn't there."""
     *parents, key = path.split(".")

@@ -34,19 +34,27 @@ from jobs.training.worker import FAULT_INJECTION_ENV
 logger = logging.getLogger(__name__)
 
 
+_connected_here = False  # ensure_ray made this process's Ray connection (settle_worker_output)
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: float = 1.0, num_gpus: float = 0.0) -> None:
     """Connect to Ray: the given address, else RAY_ADDRESS (inside a Ray job), else a new local
     cluster with enough logical CPUs for `num_cpus`. Never attaches to an unrelated cluster that
-    happens to run on this machine. A no-op when Ray is already initialised in this process."""
+    happens to run on this machine. A no-op when Ray is already initialised in this process.
+
+    Connecting to a cluster by address, the job's tasks and actors get that address as their
+    RAY_ADDRESS (`pinned_address_env`): Ray sets it for the driver only, and Ray Train's own
+    actors look the cluster up by it; without it, with a second Ray on the machine, they failed
+    with "Found multiple active Ray instances"."""
     import ray
 
+    global _connected_here
     if ray.is_initialized():
         return
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **quiet)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target, runtime_env=pinned_address_env(target), **quiet)
     else:
         # Logical CPUs: a 2-worker run (plus a Tune trial driver) must fit on a 2-core laptop.
         cpus = max(os.cpu_count() or 1, math.ceil(num_cpus))
@@ -57,6 +65,52 @@ def ensure_ray(address: str | None = None, *, num_cpus: float = 1.0, num_gpus: f
             include_dashboard=False,
             **quiet,
         )
+    _connected_here = True
+
+
+def pinned_address_env(address: str) -> dict[str, Any] | None:
+    """The runtime_env that gives every task and actor of this driver's job `address` (a GCS
+    host:port) as RAY_ADDRESS; None for an address that is not one (`auto`, `ray://` clients)
+    or when the job's own runtime_env sets RAY_ADDRESS already (Ray refuses two values)."""
+    import json
+
+    if address == "auto" or "://" in address:
+        return None
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    job_env = ((submitted.get("runtime_env") or {}).get("env_vars")) or {}
+    if "RAY_ADDRESS" in job_env:
+        return None
+    return {"env_vars": {"RAY_ADDRESS": address}}
+
+
+def settle_worker_output(quiet_s: float = 1.5, timeout_s: float = 15.0) -> None:
+    """Let the workers' output reach this driver before it prints its result: Ray relays worker
+    lines to the driver asynchronously, and holds back repeated lines until it disconnects, so
+    the run's last worker lines used to come after the driver's final result. Waits until no
+    worker output has arrived for `quiet_s` (at most `timeout_s`), then disconnects from Ray
+    when `ensure_ray` connected this process (which prints what Ray held back)."""
+    import ray
+
+    global _connected_here
+    if not ray.is_initialized():
+        return
+    try:  # Ray's dispatcher of the worker output it relays (no public hook)
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        dispatcher = None
+    if dispatcher is not None:
+        last = [time.monotonic()]
+        name = "topk_settle_worker_output"
+        dispatcher.add_handler(name, lambda _batch: last.__setitem__(0, time.monotonic()))
+        deadline = time.monotonic() + timeout_s
+        try:
+            while (now := time.monotonic()) < deadline and now - last[0] < quiet_s:
+                time.sleep(0.1)
+        finally:
+            dispatcher.remove_handler(name)
+    if _connected_here:
+        ray.shutdown()
+        _connected_here = False
 
 
 def scaling_config(spec: TrainSpec) -> Any:

@@ -7,7 +7,7 @@ trial's trials/trial-<id>/metrics.jsonl) and behaves as the spec's `name` asks:
 - "flaky": the first attempt exits 1 without result.json (an infrastructure-like death),
   the next one succeeds;
 - "userfail": write result.json {"status": "failed"} and exit 1;
-- "specfail": refuse the spec as `python -m jobs` does (field-path lines on stderr, exit 2).
+- "specfail": refuse the spec as `python -m jobs` does (field-path lines on stderr, exit 3).
 
 Like the real entrypoint it checks its spec URL and storage root against the process's URL
 limits (jobs.data.urls.check_url, TOPK_ALLOWED_*), exiting 2 when refused, and it records the
@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from jobs import exit_codes
 from jobs.data.urls import check_url
 
 parser = argparse.ArgumentParser()
@@ -38,7 +39,7 @@ try:
     check_url(args.storage)
 except ValueError as exc:
     print(f"error: cannot read spec {args.spec}: {exc}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(exit_codes.USAGE)
 run_dir = Path(args.storage) / args.run_name
 limits = {name: os.environ.get(name) for name in ("TOPK_ALLOWED_PROTOCOLS", "TOPK_ALLOWED_ROOTS")}
 (run_dir / "env.json").write_text(json.dumps(limits))
@@ -57,7 +58,7 @@ with open(run_dir / "submissions.log", "a") as log:
 if name == "specfail":
     print(f"{args.spec}: invalid spec (1 problem(s)):", file=sys.stderr)
     print("  loss.k: k + 1 must be at most data.num_classes", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(exit_codes.INVALID_SPEC)
 if name == "flaky" and attempts == 1:
     print("simulated node loss", flush=True)
     sys.exit(1)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from service.local_ray import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_JOB = Path(__file__).with_name("fake_job.py")
+TINY_DATA = Path(tempfile.gettempdir()) / "topk-tiny-data"
+"""Where tiny_spec's data URLs point: empty shard files. Local data must exist at submission
+(the server stats it); the fake job never reads it."""
 
 
 class ServerProcess:
@@ -80,12 +84,21 @@ def client_for(server: ServerProcess, token: str | None) -> httpx.Client:
     return httpx.Client(base_url=server.url, headers=headers, timeout=30)
 
 
+def tiny_data() -> Path:
+    """TINY_DATA with its (empty) shards train-000.tar, train-001.tar and val-000.tar."""
+    TINY_DATA.mkdir(parents=True, exist_ok=True)
+    for name in ("train-000.tar", "train-001.tar", "val-000.tar"):
+        (TINY_DATA / name).touch()
+    return TINY_DATA
+
+
 def tiny_spec(name: str | None = None, **overrides) -> dict:
-    """A small valid training spec (the data URLs need not exist to be accepted)."""
+    """A small valid training spec; its data are tiny_data()'s empty shards (they exist, as
+    a submission's local data must, and nothing reads them)."""
+    data = tiny_data()
     spec = {
-        "data": {"train": "/tmp/topk-nonexistent/train-{000..001}.tar",
-                 "val": "/tmp/topk-nonexistent/val-000.tar", "num_classes": 10,
-                 "image_size": 16, "channels": 1},
+        "data": {"train": f"{data}/train-{{000..001}}.tar", "val": f"{data}/val-000.tar",
+                 "num_classes": 10, "image_size": 16, "channels": 1},
         "loss": {"name": "cross_entropy"},
         "epochs": 2,
         "batch_size": 8,

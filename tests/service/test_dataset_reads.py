@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from service_harness import client_for, tiny_spec
+from service_harness import client_for, tiny_data, tiny_spec
 
 from service.settings import Settings
 from service.specs import check_spec, needs_dataset_read
@@ -104,8 +104,8 @@ def test_a_remote_dataset_on_an_allowed_host_is_read_at_submission(make_server, 
 @pytest.mark.parametrize(
     ("train", "read"),
     [
-        ("/tmp/topk-nonexistent/train-{000..001}.tar", True),
-        ("file:///tmp/topk-nonexistent/dataset.json", True),
+        ("TINY/train-{000..001}.tar", True),  # local data must exist at submission
+        ("file://TINY/described/dataset.json", True),
         ("memory://datasets/d/dataset.json", True),
         ("https://data.example.org/d/train-{000..001}.tar", True),
         ("https://DATA.example.org:8443/d/dataset.json", True),
@@ -122,6 +122,10 @@ def test_a_remote_dataset_on_an_allowed_host_is_read_at_submission(make_server, 
     ],
 )
 def test_which_datasets_are_read_at_submission(train, read):
+    described = tiny_data() / "described"
+    described.mkdir(exist_ok=True)
+    (described / "dataset.json").touch()  # only its existence is checked here
+    train = train.replace("TINY", str(tiny_data()))
     settings = Settings(
         allowed_protocols=("file", "https", "s3", "memory"),
         allowed_hosts=("data.example.org", "allowed-bucket"),

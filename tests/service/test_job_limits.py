@@ -1,7 +1,7 @@
 """What the service hands its Ray jobs and how it reads their exit, against the real server and a
 real local Ray head, with tests/service/fake_job.py as the job: the URL limits travel with the
-job (the runs folder always among the roots), and a spec refused by the worker (exit code 2)
-fails at once while an infrastructure-like death is still retried."""
+job (the runs folder always among the roots), and a spec refused by the worker (exit code 3,
+jobs/exit_codes.py) fails at once while an infrastructure-like death is still retried."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import json
 import sys
 
 import pytest
-from service_harness import FAKE_JOB, client_for, tiny_spec, wait_for
+from service_harness import FAKE_JOB, client_for, tiny_data, tiny_spec, wait_for
 
-DATA_ROOT = "/tmp/topk-nonexistent"  # where tiny_spec's data URLs point
+DATA_ROOT = str(tiny_data())  # where tiny_spec's data URLs point
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_a_spec_refused_by_the_worker_fails_at_once_and_a_lost_node_is_retried(
         refused_done, flaky_done = _finished(http, refused["id"]), _finished(http, flaky["id"])
     assert refused_done["status"] == "failed" and refused_done["attempts"] == 1, refused_done
     reason = refused_done["failure_reason"]
-    assert reason.startswith("the worker refused the spec (exit code 2): ")
+    assert reason.startswith("the worker refused the spec (exit code 3): ")
     assert "invalid spec (1 problem(s)): loss.k: k + 1 must be at most" in reason
     assert "retrying" not in " ".join(e["reason"] for e in refused_done["events"])
     assert _ray_submissions(ray_head, refused["id"]) == [f"{refused['id']}-1"]

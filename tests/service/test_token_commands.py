@@ -1,5 +1,7 @@
 """`topk token create|list|revoke` as a subprocess against the database a real server uses, on
-SQLite and on PostgreSQL: a revoked token stops working within a second."""
+SQLite and on PostgreSQL: a revoked token stops working within a second; each command says which
+database it used and never makes one unless told to (`--create`); and the client commands say how
+to get a token when they have none."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from service_harness import client_for
+import yaml
+from service_harness import client_for, tiny_spec
 
 from service.db import hash_token
 
@@ -133,8 +136,8 @@ def test_unknown_and_ambiguous_targets_are_clear_errors(served):
         assert done.returncode in (1, 2), done
         assert "Traceback" not in done.stderr
     done = topk(env, "revoke", unique("nobody"))
-    assert done.returncode == 1
-    assert done.stderr.startswith("topk: error: no owner and no token id ")
+    assert done.returncode == 2  # a name that does not exist: a usage error
+    assert "topk: error: no owner and no token id " in done.stderr
     assert topk(env, "revoke").returncode == 2  # the target is required
 
     # an owner whose name is another token's id: the command asks which one is meant
@@ -148,3 +151,93 @@ def test_unknown_and_ambiguous_targets_are_clear_errors(served):
     assert done.returncode == 0 and f"revoked token {token_id}" in done.stdout
     done = topk(env, "revoke", "--owner", token_id)
     assert done.returncode == 0 and f"revoked 1 token of {token_id}" in done.stdout
+
+
+def test_no_database_is_made_unless_asked_and_each_command_names_its_database(tmp_path):
+    """`topk token create` from another directory made a new ./.topk/topk.db that no server
+    reads, and said nothing. Now it refuses, and --create is how a database is made on purpose."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOPK_")}
+    expected = elsewhere / ".topk" / "topk.db"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(TOPK), "token", *args], env=env, cwd=elsewhere,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    for args in (["create", "alice"], ["list"], ["revoke", "alice"]):
+        done = run(*args)
+        assert done.returncode == 2, done
+        assert f"no database at {expected}" in done.stderr
+        assert "--data-dir" in done.stderr and "TOPK_DATA_DIR" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert not (elsewhere / ".topk").exists()
+    assert "--create" in run("create", "alice").stderr
+
+    made = run("create", "alice", "--create")
+    assert made.returncode == 0, made.stderr
+    assert f"topk token: database sqlite:///{expected}" in made.stderr
+    token = made.stdout.split()[-1]  # the README's `awk '{print $NF}'` still gets the token
+    assert expected.is_file() and len(token) > 20
+    listed_here = run("list")
+    assert listed_here.returncode == 0 and "alice" in listed_here.stdout
+    assert f"database sqlite:///{expected}" in listed_here.stderr
+    revoked = run("revoke", "alice")
+    assert revoked.returncode == 0 and "revoked 1 token of alice" in revoked.stdout
+    assert f"database sqlite:///{expected}" in revoked.stderr
+
+
+def test_a_postgres_database_without_the_tables_is_not_set_up_unasked():
+    import sqlalchemy as sa
+
+    admin_url = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"topk_token_test_{secrets.token_hex(4)}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1:5432: {exc}")
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOPK_")}
+        env["TOPK_DATABASE_URL"] = admin_url.rsplit("/", 1)[0] + f"/{name}"
+        done = topk(env, "create", "alice")
+        assert done.returncode == 2 and "holds no topk tables" in done.stderr, done
+        assert "--create" in done.stderr
+        assert topk(env, "list").returncode == 2
+        made = topk(env, "create", "alice", "--create")
+        assert made.returncode == 0, made.stderr
+        assert f"127.0.0.1:5432/{name}" in made.stderr
+        assert "alice" in topk(env, "list").stdout
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def test_client_commands_without_a_token_say_how_to_get_one(served, tmp_path):
+    server, env = served
+    env = {k: v for k, v in env.items() if k != "TOPK_TOKEN"}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec()))
+    commands = [
+        ["status"], ["status", "job-x"], ["submit", str(spec)], ["logs", "job-x"],
+        ["cancel", "job-x"], ["sweeps", "status"],
+    ]  # fmt: skip
+    for args in commands:
+        done = subprocess.run(
+            [str(TOPK), *args, "--url", server.url], env=env,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, (args, done)
+        for hint in ("TOPK_TOKEN", "--token", "topk token create"):
+            assert hint in done.stderr, (args, done.stderr)
+    # a token the server does not know: the service refused (4), with the same hint
+    done = subprocess.run(
+        [str(TOPK), "status", "--url", server.url, "--token", "not-a-token"], env=env,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 4, done
+    assert "invalid or revoked token" in done.stderr and "topk token create" in done.stderr

@@ -118,9 +118,12 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def ui_server(ray_head, tmp_path_factory):
-    """(server, alice's token, bob's token, data folder): one server for the module on the
-    session's Ray head, running the fake job."""
+def ui_server(request, tmp_path_factory):
+    """(server, store, alice's token, bob's token): one server for the module on the session's
+    Ray head, running the fake job."""
+    # Asked for here, not as a parameter: the session's Ray head would be started before the
+    # browser fixture has said whether these tests run at all.
+    ray_head = request.getfixturevalue("ray_head")
     data_dir = tmp_path_factory.mktemp("ui")
     env = {
         **ray_head.auth_env,
@@ -132,25 +135,12 @@ def ui_server(ray_head, tmp_path_factory):
     }
     store = Store.from_url(f"sqlite:///{data_dir / 'topk.db'}")
     store.migrate()
-    shards = data_dir / "shards"  # submissions check that local shards exist; the fake job
-    shards.mkdir()  # reads none
-    for name in ("train-000.tar", "train-001.tar", "val-000.tar"):
-        (shards / name).touch()
     server = ServerProcess(env, data_dir / "server.log").start()
     try:
-        yield server, store.create_token("alice"), store.create_token("bob"), data_dir
+        yield server, store, store.create_token("alice"), store.create_token("bob")
     finally:
         server.stop()
         store.close()
-
-
-def job_spec(data_dir, name: str) -> dict:
-    spec = tiny_spec(name)
-    spec["data"].update(
-        train=str(data_dir / "shards" / "train-{000..001}.tar"),
-        val=str(data_dir / "shards" / "val-000.tar"),
-    )
-    return spec
 
 
 def points(browser: Browser, chart: str, series: str) -> list[tuple[int, float]]:
@@ -160,10 +150,10 @@ def points(browser: Browser, chart: str, series: str) -> list[tuple[int, float]]
     ]
 
 
-def test_job_page_follows_a_job_to_success(ui_server, browser):
-    server, alice, _, data_dir = ui_server
+def test_job_page_follows_a_job_to_success(browser, ui_server):
+    server, _, alice, _ = ui_server
     with client_for(server, alice) as http:
-        job = http.post("/v1/jobs", json=job_spec(data_dir, "sleep5")).json()
+        job = http.post("/v1/jobs", json=tiny_spec("sleep5")).json()
         browser.open_as(server, f"/jobs/{job['id']}", alice)
         # Opened while the job runs: the page follows it by itself.
         first = browser.wait(browser.status, 10, "the job's status")
@@ -203,10 +193,10 @@ def test_job_page_follows_a_job_to_success(ui_server, browser):
     assert browser.find(f'{row} [data-field="best"]')[0].text == "val_top5 1.000 (epoch 5)"
 
 
-def test_another_owners_job_is_not_found_as_in_the_api(ui_server, browser):
-    server, alice, bob, data_dir = ui_server
+def test_another_owners_job_is_not_found_as_in_the_api(browser, ui_server):
+    server, _, alice, bob = ui_server
     with client_for(server, alice) as as_alice, client_for(server, bob) as as_bob:
-        job = as_alice.post("/v1/jobs", json=job_spec(data_dir, "sleep1")).json()
+        job = as_alice.post("/v1/jobs", json=tiny_spec("sleep1")).json()
         from_api = as_bob.get(f"/v1/jobs/{job['id']}")
     assert from_api.status_code == 404
     browser.open_as(server, f"/jobs/{job['id']}", bob)
@@ -226,16 +216,12 @@ def test_another_owners_job_is_not_found_as_in_the_api(ui_server, browser):
         assert not [url for url, _ in requests if token in url]
 
 
-def test_text_from_the_api_stays_text(ui_server, browser):
-    server, *_, data_dir = ui_server
-    store = Store.from_url(f"sqlite:///{data_dir / 'topk.db'}")
-    try:
-        owner = "<img src=x onerror=\"document.title='pwned'\"><b>mallory</b>"
-        token = store.create_token(owner)
-    finally:
-        store.close()
+def test_text_from_the_api_stays_text(browser, ui_server):
+    server, store, *_ = ui_server
+    owner = "<img src=x onerror=\"document.title='pwned'\"><b>mallory</b>"
+    token = store.create_token(owner)
     with client_for(server, token) as http:
-        job = http.post("/v1/jobs", json=job_spec(data_dir, "sleep1")).json()
+        job = http.post("/v1/jobs", json=tiny_spec("sleep1")).json()
     browser.open_as(server, f"/jobs/{job['id']}", token)
     browser.wait(browser.status, 15, "the job page")
     owner_cell = [dd for dd in browser.find("dl.facts dd") if "mallory" in dd.text]
@@ -244,9 +230,9 @@ def test_text_from_the_api_stays_text(ui_server, browser):
     assert browser.driver.title != "pwned"
 
 
-def test_sweep_page_shows_the_trial_table_and_curves(ui_server, browser):
-    server, alice, _, data_dir = ui_server
-    sweep = {"train": job_spec(data_dir, "sleep2"), "search": {"optim.lr": {"grid": [0.1, 0.01]}},
+def test_sweep_page_shows_the_trial_table_and_curves(browser, ui_server):
+    server, _, alice, _ = ui_server
+    sweep = {"train": tiny_spec("sleep2"), "search": {"optim.lr": {"grid": [0.1, 0.01]}},
              "scheduler": {"name": "fifo"}}  # fmt: skip
     with client_for(server, alice) as http:
         created = http.post("/v1/sweeps", json=sweep).json()
@@ -254,7 +240,6 @@ def test_sweep_page_shows_the_trial_table_and_curves(ui_server, browser):
         browser.wait(lambda: browser.status() == "succeeded", 120, "the sweep page to show success")
         record = http.get(f"/v1/sweeps/{created['id']}").json()
 
-    browser.driver.save_screenshot("/tmp/ui_smoke/sweep.png")  # TEMP
     rows = browser.find("#trials tbody tr")
     assert [row.get_attribute("data-trial") for row in rows] == ["t0", "t1"]
     assert [row.find_element("css selector", "td:nth-child(3)").text for row in rows] == [
@@ -270,7 +255,7 @@ def test_sweep_page_shows_the_trial_table_and_curves(ui_server, browser):
         assert len(points(browser, "trial-loss", trial)) == 2
 
 
-def test_docs_render_from_the_package_with_no_network(ui_server, browser):
+def test_docs_render_from_the_package_with_no_network(browser, ui_server):
     server, *_ = ui_server
     browser.drain()
     browser.driver.get(f"{server.url}/docs")
@@ -289,7 +274,7 @@ def test_docs_render_from_the_package_with_no_network(ui_server, browser):
     assert [url for url in requested if urlsplit(url).netloc not in (origin, "")] == []
 
 
-def test_no_page_broke_its_content_security_policy(ui_server, browser):
+def test_no_page_broke_its_content_security_policy(browser, ui_server):
     browser.driver.get(f"{ui_server[0].url}/ui/")
     problems = [
         entry["message"]

@@ -1,4 +1,5 @@
-"""`topk validate SPEC`: every problem with its field path, exit 1 when invalid, 2 when unreadable."""
+"""`topk validate SPEC`: every problem with its field path, exit 3 when invalid, 2 when
+unreadable (jobs/exit_codes.py); local data that does not exist is a problem of its field."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import sys
 
 import pytest
 
+from jobs import exit_codes
 from jobs.spec.train import TrainSpec
 from service.cli import main as topk_main
+
+TRAIN_COUNTS = [30 - i for i in range(20)]
 
 VALID = """\
 data: {train: data/dataset.json, val: data/dataset.json, num_classes: 20}
@@ -29,6 +33,23 @@ def write(tmp_path, name: str, text: str) -> str:
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def data(tmp_path, monkeypatch):
+    """The specs' relative `data/` in the working directory: a dataset.json of 20 classes
+    naming its shards, and the (empty) shards themselves."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    splits = {}
+    for split, counts in (("train", TRAIN_COUNTS), ("val", [2] * 20)):
+        (folder / f"{split}-000.tar").touch()
+        shard = {"path": f"{split}-000.tar", "samples": sum(counts), "bytes": 0}
+        splits[split] = {"num_samples": sum(counts), "class_counts": counts, "shards": [shard]}
+    info = {"format": "topk-webdataset", "format_version": 1, "num_classes": 20, "splits": splits}
+    (folder / "dataset.json").write_text(json.dumps(info))
+    return folder
+
+
 def test_a_valid_spec_prints_a_summary_and_exits_0(tmp_path, capsys):
     assert topk_main(["validate", write(tmp_path, "ok.yaml", VALID)]) == 0
     out = capsys.readouterr().out
@@ -36,9 +57,9 @@ def test_a_valid_spec_prints_a_summary_and_exits_0(tmp_path, capsys):
     assert "on 20 classes" in out
 
 
-def test_an_invalid_spec_lists_every_problem_and_exits_1(tmp_path, capsys):
+def test_an_invalid_spec_lists_every_problem_and_exits_3(tmp_path, capsys):
     path = write(tmp_path, "bad.yaml", INVALID)
-    assert topk_main(["validate", path]) == 1
+    assert topk_main(["validate", path]) == exit_codes.INVALID_SPEC == 3
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()
@@ -52,24 +73,69 @@ def test_an_invalid_spec_lists_every_problem_and_exits_1(tmp_path, capsys):
 
 
 def test_an_unreadable_file_exits_2(tmp_path, capsys):
-    assert topk_main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert topk_main(["validate", str(tmp_path / "missing.yaml")]) == exit_codes.USAGE == 2
     assert "does not exist" in capsys.readouterr().err
-    assert topk_main(["validate", write(tmp_path, "x.yaml", "a: [1,\n")]) == 2
+    assert topk_main(["validate", write(tmp_path, "x.yaml", "a: [1,\n")]) == exit_codes.USAGE
     assert "not valid YAML" in capsys.readouterr().err
 
 
 def test_class_counts_are_resolved_unless_told_not_to(tmp_path, capsys):
-    path = write(
-        tmp_path,
-        "ldam.yaml",
-        VALID.replace("{name: noised_topk, k: 3, epsilon: 0.5}", "{name: ldam}"),
-    )
-    assert topk_main(["validate", path]) == 1
+    ldam = VALID.replace("{name: noised_topk, k: 3, epsilon: 0.5}", "{name: ldam}")
+    path = write(tmp_path, "ldam.yaml", ldam)
+    assert topk_main(["validate", path]) == 0
+    assert "ldam(max_m=0.2, scale=40.0) with class counts 11..30" in capsys.readouterr().out
+    # shards without a dataset.json beside them: the counts cannot be read
+    (tmp_path / "data" / "dataset.json").unlink()
+    path = write(tmp_path, "ldam.yaml", ldam.replace("data/dataset.json", "data/train-000.tar"))
+    assert topk_main(["validate", path]) == exit_codes.INVALID_SPEC
     err = capsys.readouterr().err
     assert "loss.class_counts: loss 'ldam' needs the per-class training counts" in err
     assert "--no-resolve" in err.splitlines()[-1]
     assert topk_main(["validate", "--no-resolve", path]) == 0
     assert "ldam(max_m=0.2, scale=40.0)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("train", "absent/dataset.json", "absent/dataset.json does not exist"),
+        ("train", "absent", "absent does not exist"),
+        ("train", "data/shards-{000..003}.tar", "shard {data}/shards-000.tar does not exist"),
+        ("train", "absent/train-{000..003}.tar", "folder {tmp}/absent does not exist"),
+        ("val", "data/val-001.tar", "shard {data}/val-001.tar does not exist"),
+        ("val", "data/dataset.json#test", None),  # the file is there; its split is the job's
+        ("train", "s3://bucket/never-looked-at/dataset.json", None),
+        ("train", "https://example.org/never-looked-at/train-{0..9}.tar", None),
+    ],
+)
+def test_local_data_that_does_not_exist_is_refused_naming_the_field(
+    tmp_path, data, capsys, field, value, message
+):
+    spec = VALID.replace(f"{field}: data/dataset.json", f"{field}: '{value}'")
+    assert topk_main(["validate", write(tmp_path, "spec.yaml", spec)]) == (
+        exit_codes.INVALID_SPEC if message else exit_codes.OK
+    )
+    err = capsys.readouterr().err
+    if message:
+        expected = message.format(data=data, tmp=tmp_path)
+        problem = next(line.strip() for line in err.splitlines() if f"data.{field}:" in line)
+        assert problem.startswith(f"data.{field}: ") and expected in problem, err
+        assert "topk shards build" in err.splitlines()[-1]  # the hint
+        # structure only: nothing is looked for
+        assert topk_main(["validate", "--no-resolve", str(tmp_path / "spec.yaml")]) == 0
+
+
+def test_a_shard_list_and_pretrained_weights_are_checked_too(tmp_path, data, capsys):
+    (tmp_path / "weights").mkdir()
+    spec = (
+        VALID.replace("train: data/dataset.json", "train: [data/train-000.tar, data/train-009.tar]")
+        + "model: {pretrained: weights}\n"
+    )
+    assert topk_main(["validate", write(tmp_path, "spec.yaml", spec)]) == 3
+    err = capsys.readouterr().err
+    assert f"data.train[1]: shard {data}/train-009.tar does not exist" in err
+    assert "data.train[0]" not in err
+    assert f"model.pretrained: {tmp_path}/weights is a folder, not a weights file" in err
 
 
 def test_print_gives_the_complete_spec_as_json(tmp_path, capsys):
@@ -85,7 +151,7 @@ def test_sweeps_are_recognised(tmp_path, capsys):
     assert topk_main(["validate", write(tmp_path, "sweep.yaml", text)]) == 0
     assert "valid sweep spec: loss.epsilon (grid [0.1, 1.0])" in capsys.readouterr().out
     bad = text.replace("loss.epsilon", "loss.eps")
-    assert topk_main(["validate", write(tmp_path, "bad_sweep.yaml", bad)]) == 1
+    assert topk_main(["validate", write(tmp_path, "bad_sweep.yaml", bad)]) == 3
     assert "search.loss.eps: not a field of the training spec" in capsys.readouterr().err
 
 
@@ -94,11 +160,11 @@ def test_the_service_allow_list_from_the_environment_applies(tmp_path, capsys, m
     assert topk_main(["validate", path]) == 0
     capsys.readouterr()
     monkeypatch.setenv("TOPK_ALLOWED_PROTOCOLS", "file")
-    assert topk_main(["validate", path]) == 1
+    assert topk_main(["validate", path]) == 3
     assert "storage: refused URL 's3://bucket/runs'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("text", "code"), [(INVALID, 1), ("- not a mapping\n", 2)])
+@pytest.mark.parametrize(("text", "code"), [(INVALID, 3), ("- not a mapping\n", 2)])
 def test_the_real_command_never_prints_a_traceback(tmp_path, text, code):
     result = subprocess.run(
         [sys.executable, "-m", "service.cli", "validate", write(tmp_path, "spec.yaml", text)],

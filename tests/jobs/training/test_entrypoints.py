@@ -1,5 +1,6 @@
 """`python -m jobs train|sweep` and `topk train|sweep`: clear errors for bad input (no
-traceback, exit 2) and a real run through the CLI on the session's Ray cluster."""
+traceback; exit 2 for bad arguments or an unreadable file, 3 for an invalid spec) and a real run
+through the CLI on the session's Ray cluster."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_an_invalid_spec_names_the_field_paths(tmp_path, omniglot_spec):
     done = _python_m_jobs(
         "train", "--spec", _write(tmp_path / "bad.yaml", spec), "--run-name", "r1", cwd=tmp_path
     )
-    assert done.returncode == 2
+    assert done.returncode == 3  # an invalid spec (jobs/exit_codes.py)
     assert "Traceback" not in done.stderr
     assert "loss.k:" in done.stderr
     spec["loss"]["k"] = 5
@@ -50,11 +51,12 @@ def test_an_invalid_spec_names_the_field_paths(tmp_path, omniglot_spec):
     done = _python_m_jobs(
         "train", "--spec", _write(tmp_path / "bad.yaml", spec), "--run-name", "r1", cwd=tmp_path
     )
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.returncode == 3 and "Traceback" not in done.stderr
     assert "epochs:" in done.stderr and "optim.lrr:" in done.stderr
 
 
 def test_a_bad_run_name_and_the_wrong_kind_of_spec_are_refused(tmp_path, omniglot_spec):
+    (tmp_path / "dataset.json").touch()  # local data must exist; these runs never read it
     spec = _write(tmp_path / "ok.yaml", omniglot_spec(str(tmp_path / "dataset.json")))
     done = _python_m_jobs("train", "--spec", spec, "--run-name", "../escape", cwd=tmp_path)
     assert done.returncode == 2 and "run name" in done.stderr and "Traceback" not in done.stderr
@@ -85,8 +87,12 @@ def test_counts_that_cannot_be_read_at_start_up_fail_the_run_with_the_reason(tmp
     TOPK_ALLOWED_HOSTS); the worker resolves the counts at start-up. When it cannot, result.json
     says why, so the service fails the job with that reason instead of retrying it as an
     infrastructure failure."""
+    shards = tmp_path / "shards"  # shards without a dataset.json: no counts to read
+    shards.mkdir()
+    for name in ("train-000.tar", "train-001.tar"):
+        (shards / name).touch()
     spec = {
-        "data": {"train": str(tmp_path / "absent" / "train-{000..001}.tar"), "num_classes": 10},
+        "data": {"train": str(shards / "train-{000..001}.tar"), "num_classes": 10},
         "loss": {"name": "ldam"},
         "metrics": {"select": "train_loss", "mode": "min"},
         "epochs": 1,
@@ -96,7 +102,7 @@ def test_counts_that_cannot_be_read_at_start_up_fail_the_run_with_the_reason(tmp
         "train", "--spec", _write(tmp_path / "spec.yaml", spec), "--run-name", "job-1",
         "--storage", str(storage), cwd=tmp_path,
     )  # fmt: skip
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.returncode == 3 and "Traceback" not in done.stderr
     assert "loss.class_counts:" in done.stderr
     result = json.loads((storage / "job-1" / "result.json").read_text())
     assert result["status"] == "failed"
@@ -105,4 +111,4 @@ def test_counts_that_cannot_be_read_at_start_up_fail_the_run_with_the_reason(tmp
     done = _python_m_jobs(
         "train", "--spec", str(tmp_path / "spec.yaml"), "--run-name", "job-2", cwd=tmp_path
     )
-    assert done.returncode == 2 and not (tmp_path / ".topk").exists()
+    assert done.returncode == 3 and not (tmp_path / ".topk").exists()

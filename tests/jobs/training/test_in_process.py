@@ -26,6 +26,10 @@ def _small_spec(omniglot_spec, dataset_url, **overrides) -> TrainSpec:
     return TrainSpec.model_validate(spec)
 
 
+def _with_gpu(spec: TrainSpec) -> TrainSpec:
+    return spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"use_gpu": True})})
+
+
 METRIC_KEYS = ("train_loss", "val_top1", "val_top5", "val_macro_top5", "samples", "lr")
 
 
@@ -94,8 +98,29 @@ def test_local_session_without_a_metric_keeps_the_latest(tmp_path):
 
 def test_in_process_training_refuses_what_it_cannot_run(omniglot_dataset, omniglot_spec, tmp_path):
     spec = TrainSpec.model_validate(omniglot_spec(omniglot_dataset, scaling={"num_workers": 2}))
-    with pytest.raises(ValueError, match="one CPU worker"):
+    with pytest.raises(ValueError, match="one worker: set scaling.num_workers 1, got 2"):
         run_training_in_process(spec, "run", storage=str(tmp_path))
     single = _small_spec(omniglot_spec, omniglot_dataset)
     with pytest.raises(ValueError, match="local storage root"):
         run_training_in_process(single, "run", storage="s3://bucket/runs")
+    on_gpu = _with_gpu(single)
+    with pytest.raises(
+        ValueError, match="^scaling.use_gpu: in-process training would run on the CPU"
+    ):
+        run_training_in_process(on_gpu, "run", storage=str(tmp_path), device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^scaling.use_gpu"):
+            run_training_in_process(on_gpu, "run", storage=str(tmp_path))  # auto finds no GPU
+        with pytest.raises(ValueError, match="^device=cuda asks for a GPU"):
+            run_training_in_process(single, "run", storage=str(tmp_path), device="cuda")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_in_process_run_trains_on_the_gpu_when_there_is_one(
+    omniglot_dataset, omniglot_spec, tmp_path
+):
+    spec = _with_gpu(_small_spec(omniglot_spec, omniglot_dataset))
+    result = run_training_in_process(spec, "gpu-run", storage=str(tmp_path))
+    assert result["status"] == "succeeded" and result["epochs"] == 2
+    assert torch.cuda.max_memory_allocated() > 0  # the model and batches were on the GPU

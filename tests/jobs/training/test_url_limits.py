@@ -1,7 +1,8 @@
 """The URL limits (TOPK_ALLOWED_PROTOCOLS, TOPK_ALLOWED_ROOTS) bind a job's every read, not only
 the spec it was submitted with: shards that a dataset.json inside the allowed roots names
 outside them (`../outside/...`, an https URL) and pretrained weights outside them are refused,
-by `python -m jobs train` before anything starts (exit 2) and by the worker's own loaders."""
+by `python -m jobs train` before anything starts (exit 3, an invalid spec) and by the worker's
+own loaders."""
 
 from __future__ import annotations
 
@@ -104,14 +105,20 @@ def _python_m_jobs_train(root, spec: dict, env: dict[str, str]) -> subprocess.Co
         ("remote", "file", "protocol 'https' is not allowed"),
     ],
 )
-def test_python_m_jobs_refuses_shards_named_outside_the_limits_and_exits_2(
+def test_python_m_jobs_refuses_shards_named_outside_the_limits_and_exits_3(
     datasets, train, protocols, reason
 ):
     done = _python_m_jobs_train(datasets, _spec(datasets, train), _limits(datasets, protocols))
-    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.returncode == 3, done.stdout + done.stderr  # an invalid spec
     assert "Traceback" not in done.stderr
     assert "data.train: refused URL" in done.stderr and reason in done.stderr
-    assert not (datasets / "allowed" / "runs" / "run").exists()  # nothing started
+    run = datasets / "allowed" / "runs" / "run"
+    # nothing started; the refusal is the run's recorded failure, for the service to report
+    assert sorted(path.name for path in run.iterdir()) == ["result.json"]
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "failed" and "data.train: refused URL" in result["error"]
+    (run / "result.json").unlink()
+    run.rmdir()
 
 
 def test_python_m_jobs_trains_on_ray_inside_the_limits_a_service_hands_it(datasets, tmp_path):
