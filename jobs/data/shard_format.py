@@ -25,6 +25,7 @@ import json
 import lzma
 import tarfile
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -189,7 +190,7 @@ class _SampleNumbers:
         self.seen: set[str] = set()
         self.split: set[int] = set()  # samples whose key came before (this reader's only)
         self.duplicated: set[int] = set()
-        self.unread: list[tuple[int, str]] = []  # this reader's samples with no member read
+        self.unread: deque[tuple[int, str]] = deque()  # this reader's samples with nothing read
         self._mine = False
         self._read_any = False
         self._extensions: set[str] = set()
@@ -288,10 +289,11 @@ def _record(
     return RawSample(key, index, sample[image_ext], image_ext, label)
 
 
-def _unread(numbers: _SampleNumbers) -> Iterator[BadRecord]:
-    for index, key in numbers.unread:
+def _unread(numbers: _SampleNumbers, below: int | None = None) -> Iterator[BadRecord]:
+    """The samples of this reader that had no member to read (numbered below `below`)."""
+    while numbers.unread and (below is None or numbers.unread[0][0] < below):
+        index, key = numbers.unread.popleft()
         yield BadRecord(key, index, "missing_image", "no .jpg/.jpeg/.png/.webp member")
-    numbers.unread.clear()
 
 
 def _error_text(exc: BaseException) -> str:
@@ -329,13 +331,14 @@ def read_shard_records(
         # the archive turns out whole, since a cut may have taken some of its members.
         held: dict[str, Any] | None = None
         for sample in samples:
-            yield from _unread(numbers)
             if held is not None:
+                yield from _unread(numbers, below=held["__key__"][0])
                 yield _record(held, numbers, num_classes, label_key)
             held = sample
         problem = archive.end_problem()
         if not problem:
             if held is not None:
+                yield from _unread(numbers, below=held["__key__"][0])
                 yield _record(held, numbers, num_classes, label_key)
             numbers.finish()
             yield from _unread(numbers)

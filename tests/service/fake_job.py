@@ -1,7 +1,8 @@
 """A stand-in for `python -m jobs train|sweep` in the service's Ray tests (the launcher and
 reconciler paths, crash/restart and queue tests), so they run in seconds. It writes what the
-training runtime writes (ROOT/RUN/metrics.jsonl, result.json; for sweeps sweep.json and each
-trial's trials/trial-<id>/metrics.jsonl) and behaves as the spec's `name` asks:
+training runtime writes (ROOT/RUN/metrics.jsonl, result.json; for sweeps sweep.json, rewritten
+each epoch while it runs, and each trial's trials/trial-<id>/metrics.jsonl) and behaves as the
+spec's `name` asks:
 
 - name starting "sleep<N>": run N seconds (one epoch per second) before succeeding;
 - "flaky": the first attempt exits 1 without result.json (an infrastructure-like death),
@@ -91,6 +92,16 @@ for epoch in range(1, seconds + 1):
     }
     with open(run_dir / "metrics.jsonl", "a") as metrics:
         metrics.write(json.dumps(record) + "\n")
+    if args.kind == "sweep":  # the live trial table, as jobs/sweep.py rewrites it while it runs
+        live = [
+            {"trial_id": "t0", "params": {"optim.lr": 0.1}, "status": "running",
+             "metrics": {"epoch": epoch, "val_top5": 0.1 * epoch}},
+            {"trial_id": "t1", "params": {"optim.lr": 0.01}, "status": "pending", "metrics": {}},
+        ]  # fmt: skip
+        table = {"metric": "val_top5", "mode": "max", "complete": False, "trials": live,
+                 "best_params": None, "best_config": None}  # fmt: skip
+        (run_dir / "sweep.json.tmp").write_text(json.dumps(table))
+        (run_dir / "sweep.json.tmp").replace(run_dir / "sweep.json")
     print(f"epoch {epoch} done", flush=True)
 if args.kind == "sweep":
     trials = [
