@@ -290,7 +290,7 @@ def serve(settings, *, ray_cpus: int, dashboard_port: int | None = None, announc
             head.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return exit_codes.OK
 
 
 class _PortTaken(RuntimeError):

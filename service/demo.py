@@ -20,6 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from jobs import exit_codes
+
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -132,7 +134,7 @@ def run_demo(args) -> int:
         dataset_json = make_shards(source, data_dir / "shards" / "fashion_mnist_lt")
     except (RuntimeError, ValueError) as exc:
         print(f"topk: error: {exc}", file=sys.stderr)
-        return 1
+        return exit_codes.FAILED
 
     settings = Settings.from_env({"TOPK_DATA_DIR": str(data_dir)})
     store = Store.from_url(settings.database_url)
@@ -154,7 +156,7 @@ def run_demo(args) -> int:
         with ServiceClient(f"http://127.0.0.1:{port}", token) as client:
             if not _wait_ready(client, server):
                 print(f"topk: error: the service did not start; see {log_path}", file=sys.stderr)
-                return 1
+                return exit_codes.FAILED
             jobs = {}
             for label, loss, lr in LOSSES:
                 name = f"demo-{label.replace('_', '-')}"
@@ -164,7 +166,7 @@ def run_demo(args) -> int:
             final = _follow(client, jobs, args.epochs)
     except ServiceError as exc:
         print(f"topk: error: {exc}", file=sys.stderr)
-        return 1
+        return exit_codes.FAILED
     finally:
         server.send_signal(signal.SIGINT)  # uvicorn stops, then `serve` stops its Ray head
         try:
@@ -175,7 +177,8 @@ def run_demo(args) -> int:
     print(
         f"\ndemo finished in {time.monotonic() - started:.0f} s; the runs are in {data_dir / 'runs'}"
     )
-    return 0 if all(job["status"] == "succeeded" for job in final.values()) else 1
+    succeeded = all(job["status"] == "succeeded" for job in final.values())
+    return exit_codes.OK if succeeded else exit_codes.FAILED
 
 
 def _wait_ready(client, server: subprocess.Popen, timeout: float = 180.0) -> bool:

@@ -1,13 +1,16 @@
 """`topk shards build SOURCE OUT` and `topk shards inspect URL`.
 
 Handlers import the writer/inspector lazily so `topk --help` stays fast. Bad input gives one
-line on stderr and exit code 2; a dataset with bad samples makes `inspect` exit 1.
+line on stderr and exit code 2 (USAGE); a failed write, and a dataset with bad samples for
+`inspect`, exit 1 (FAILED; jobs/exit_codes.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from jobs import exit_codes
 
 
 def _positive_int(text: str) -> int:
@@ -69,13 +72,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "dataset.json URL), print totals per split and each bad sample; exit 1 if any is bad.",
     )
     inspect.add_argument("url", metavar="URL")
+    inspect.add_argument(
+        "--label-key",
+        default="label",
+        help="the .json field holding the label of samples without a .cls member (default: label)",
+    )
     inspect.add_argument("--quiet", action="store_true", help="no progress lines")
     inspect.set_defaults(handler=run_inspect)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
-    return 2
+    return exit_codes.USAGE
 
 
 def _fail(command: str, message: object, code: int) -> int:
@@ -106,11 +114,11 @@ def run_build(args: argparse.Namespace) -> int:
             progress=None if args.quiet else sys.stderr,
         )
     except ValueError as exc:
-        return _fail("build", exc, 2)
+        return _fail("build", exc, exit_codes.USAGE)
     except Exception as exc:  # storage drivers raise their own types (credentials, network)
-        return _fail("build", f"{type(exc).__name__}: {exc}", 1)
+        return _fail("build", f"{type(exc).__name__}: {exc}", exit_codes.FAILED)
     print(summary.format())
-    return 0
+    return exit_codes.OK
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -120,10 +128,12 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(text, file=sys.stderr, flush=True)
 
     try:
-        report = inspect_dataset(args.url, progress=None if args.quiet else progress)
+        report = inspect_dataset(
+            args.url, progress=None if args.quiet else progress, label_key=args.label_key
+        )
     except ValueError as exc:
-        return _fail("inspect", exc, 2)
+        return _fail("inspect", exc, exit_codes.USAGE)
     except Exception as exc:  # storage drivers raise their own types (credentials, network)
-        return _fail("inspect", f"{type(exc).__name__}: {exc}", 1)
+        return _fail("inspect", f"{type(exc).__name__}: {exc}", exit_codes.FAILED)
     print(report.format())
-    return 0 if report.ok else 1
+    return exit_codes.OK if report.ok else exit_codes.FAILED

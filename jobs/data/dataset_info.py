@@ -10,6 +10,9 @@ Layout (format_version 1):
      "source": {...how it was made...}}
 
 Shard paths are relative to the folder holding dataset.json (absolute URLs are allowed too).
+Readers do without it when the spec names the shards by a brace pattern or a list and gives
+data.samples_per_epoch; then per-shard counts are unknown, so a shard cut at a member boundary
+is caught by its missing end-of-archive block only.
 """
 
 from __future__ import annotations

@@ -7,7 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobs.data.dataset_info import read_dataset_info
-from jobs.data.shard_format import BadRecord, ShardReadError, read_shard_records
+from jobs.data.shard_format import (
+    DEFAULT_LABEL_KEY,
+    BadRecord,
+    ShardReadError,
+    read_shard_records,
+)
 from jobs.data.urls import ALLOWED_PROTOCOLS, open_url
 
 
@@ -75,8 +80,10 @@ def inspect_dataset(
     allowed_protocols: frozenset[str] = ALLOWED_PROTOCOLS,
     allowed_roots: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    label_key: str = DEFAULT_LABEL_KEY,
 ) -> InspectReport:
-    """Read and decode every sample of the dataset at `url` (folder, prefix or dataset.json).
+    """Read and decode every sample of the dataset at `url` (folder, prefix or dataset.json);
+    `label_key` is the `.json` label field of samples without a `.cls` member.
 
     Raises ValueError for a refused URL or malformed dataset.json, FileNotFoundError when there
     is no dataset.json; unreadable shards are reported as problems, not raised.
@@ -97,7 +104,11 @@ def inspect_dataset(
             try:
                 with open_url(shard_url) as stream:
                     for record in read_shard_records(
-                        stream, num_classes=info.num_classes, expected_samples=entry.samples
+                        stream,
+                        num_classes=info.num_classes,
+                        label_key=label_key,
+                        expected_samples=entry.samples,
+                        url=shard_url,
                     ):
                         if isinstance(record, BadRecord):
                             report.bad.append(

@@ -5,7 +5,9 @@ Stages, in order (each a small function below):
 1. `resolve_shards`  the spec's URLs (brace pattern, list, or dataset.json) -> checked shard URLs
 2. `plan_readers`    shards -> (rank x DataLoader worker) slots; fewer shards than slots are
                      split by sample index, so evaluation reads every sample exactly once
-3. `_read_tasks`     tar streaming of each assigned shard, bad samples counted per reason
+3. `_read_tasks`     each assigned shard opened with `open_url` and streamed through
+                     webdataset's tar iteration and grouping (`read_shard_records`), bad
+                     samples counted per reason
 4. `_cycled`         (train) passes over the slot's shards through an epoch-seeded shuffle
                      buffer (`_shuffled`), repeated until the slot's batch quota is met
 5. `decode_image`    PIL decode + crop/resize + flip into uint8 arrays
@@ -16,8 +18,11 @@ Stages, in order (each a small function below):
 
 Training: every rank yields exactly `steps_per_epoch` batches (from `samples_per_epoch` or the
 dataset.json count), each worker cycling its shards if it runs short, so no rank waits at the
-end of an epoch. Evaluation: each validation sample is yielded once across all ranks; ranks
-may yield different batch counts, so sum metric counts after the loop, not per batch.
+end of an epoch. A brace pattern of shards with `samples_per_epoch` needs no dataset.json, so
+shards made by other WebDataset tools train as they are (labels from `.cls`, or from the
+`data.label_key` field of `.json`). Evaluation: each validation sample is yielded once across
+all ranks; ranks may yield different batch counts, so sum metric counts after the loop, not per
+batch.
 """
 
 from __future__ import annotations

@@ -129,8 +129,8 @@ class _Prefixed:
 class _TarBytes:
     """The uncompressed tar bytes of a shard, as webdataset's reader gets them.
 
-    Decompresses gzip, bzip2 and xz here rather than in `tarfile` (those streams then report
-    a missing end), and watches the bytes that pass for `end_problem`.
+    Decompresses gzip, bzip2 and xz itself, so that `tarfile` sees a plain archive whose end
+    can be checked (`end_problem`) and a cut-off compressed stream raises instead of ending.
     """
 
     def __init__(self, stream: IO[bytes], name: str) -> None:
@@ -316,8 +316,9 @@ def read_shard_records(
 
     Only samples with `index % stride == offset` are yielded (and have their bytes read), so
     several readers can split one shard by sample index. A truncated or non-tar stream yields
-    one BadRecord("truncated_tar") to the reader with offset 0, as does a shard that holds fewer
-    samples than `expected_samples`. Raises ShardReadError on I/O errors of the stream itself.
+    one BadRecord("truncated_tar") to the reader with offset 0 (the sample just before the cut
+    may be lost with the one it cuts), as does a shard that holds fewer samples than
+    `expected_samples`. Raises ShardReadError on I/O errors of the stream itself.
     """
     numbers = _SampleNumbers(stride, offset)
     problem = ""

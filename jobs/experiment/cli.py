@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from jobs import exit_codes
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     help_text = "run a grid of training runs (datasets x losses x seeds) and report the results"
@@ -60,7 +62,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         device = resolve_device().type  # TOPK_DEVICE, else the GPU when there is one
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     concurrency = args.concurrency or config.concurrency or default_concurrency(device)
     config = config.model_copy(update={"concurrency": concurrency})
     out = Path(args.out or Path("runs") / "experiments" / config.name)
@@ -84,7 +86,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
             )
     except ValueError as exc:  # a bad config value, a missing source, a refused path
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     failed = [r for r in records.values() if r.get("status") != "succeeded"]
     missing = [r for r in plan.runs if r not in records]
     print(f"{len(records)} of {len(plan.runs)} runs have records, {len(failed)} failed")
@@ -93,4 +95,4 @@ def run_experiment_command(args: argparse.Namespace) -> int:
 
         written = write_report(config, plan, records, Path(args.report), out, command=command)
         print(f"report: {written}")
-    return 1 if failed or missing else 0
+    return exit_codes.FAILED if failed or missing else exit_codes.OK

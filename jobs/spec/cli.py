@@ -82,8 +82,8 @@ def run_validate(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
         if not args.no_resolve and any(_names_missing_data(line) for line in lines):
             print(
-                "hint: make the dataset first (`topk shards build ...`, the command in the "
-                "example's header), or check the structure only with --no-resolve",
+                "hint: make the dataset first (`topk shards build ...`; each example's header "
+                "gives its command), or check the structure only with --no-resolve",
                 file=sys.stderr,
             )
         return exit_codes.INVALID_SPEC

@@ -83,12 +83,12 @@ def make_server(tmp_path) -> Iterator:
 
 @pytest.fixture
 def serve(tmp_path) -> Iterator:
-    """Factory: serve(ray_cpus=2, **env) -> Serve, `topk serve` with its own Ray head on a data dir under
+    """Factory: serve(ray_cpus=2, args=(), **env) -> Serve, `topk serve [args]` with its own Ray head on a data dir under
     tmp_path. At the end every server is stopped, and any head it left behind too."""
     servers: list[Serve] = []
 
-    def make(*, ray_cpus: int = 2, **env: str) -> Serve:
-        server = Serve(tmp_path, ray_cpus=ray_cpus, **env)
+    def make(*, ray_cpus: int = 2, args: tuple[str, ...] = (), **env: str) -> Serve:
+        server = Serve(tmp_path, ray_cpus=ray_cpus, args=args, **env)
         servers.append(server)
         return server
 

@@ -1,14 +1,16 @@
 """A stand-in for `python -m jobs train|sweep` in the service's Ray tests (the launcher and
 reconciler paths, crash/restart and queue tests), so they run in seconds. It writes what the
-training runtime writes (ROOT/RUN/metrics.jsonl, result.json; for sweeps sweep.json, rewritten
-each epoch while it runs, and each trial's trials/trial-<id>/metrics.jsonl) and behaves as the
-spec's `name` asks:
+training runtime writes (ROOT/RUN/metrics.jsonl, result.json; for sweeps sweep.json and each
+trial's trials/trial-<id>/metrics.jsonl) and behaves as the spec's `name` asks:
 
 - name starting "sleep<N>": run N seconds (one epoch per second) before succeeding;
 - "flaky": the first attempt exits 1 without result.json (an infrastructure-like death),
   the next one succeeds;
 - "userfail": write result.json {"status": "failed"} and exit 1;
-- "specfail": refuse the spec as `python -m jobs` does (field-path lines on stderr, exit 3).
+- "specfail": refuse the spec as `python -m jobs` does (field-path lines on stderr, exit 3);
+- a sweep whose name starts with "live" ("livesleep8"): sweep.json is also rewritten each epoch
+  with the live trial table, as jobs/sweep.py does while a sweep runs (opt-in until the web UI
+  re-reads the curves of trials that have not ended; the rest of the name is read as above).
 
 Like the real entrypoint it checks its spec URL and storage root against the process's URL
 limits (jobs.data.urls.check_url, TOPK_ALLOWED_*), exiting 2 when refused, and it records the
@@ -47,6 +49,7 @@ limits = {name: os.environ.get(name) for name in ("TOPK_ALLOWED_PROTOCOLS", "TOP
 spec = json.loads((run_dir / "spec.json").read_text())
 name = (spec.get("train", spec) if args.kind == "sweep" else spec).get("name") or ""
 print(f"fake job {args.run_name} starting ({args.kind}, name={name!r})", flush=True)
+print("\x1b[36m(FakeWorker pid=0)\x1b[0m a line coloured as Ray colours its workers'", flush=True)
 with open(run_dir / "attempts.log", "a") as log:
     log.write(f"{time.time()}\n")
 attempts = len((run_dir / "attempts.log").read_text().splitlines())
@@ -77,6 +80,8 @@ if name == "userfail":
     )
     sys.exit(1)
 
+live_table = args.kind == "sweep" and name.startswith("live")
+name = name.removeprefix("live") if live_table else name
 seconds = int(name[5:]) if name.startswith("sleep") and name[5:].isdigit() else 1
 for epoch in range(1, seconds + 1):
     time.sleep(1)
@@ -92,7 +97,7 @@ for epoch in range(1, seconds + 1):
     }
     with open(run_dir / "metrics.jsonl", "a") as metrics:
         metrics.write(json.dumps(record) + "\n")
-    if args.kind == "sweep":  # the live trial table, as jobs/sweep.py rewrites it while it runs
+    if live_table:  # the live trial table, as jobs/sweep.py rewrites it while it runs
         live = [
             {"trial_id": "t0", "params": {"optim.lr": 0.1}, "status": "running",
              "metrics": {"epoch": epoch, "val_top5": 0.1 * epoch}},

@@ -122,8 +122,11 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.3, message: s
 class Serve:
     """`topk serve --data-dir D` as a subprocess (the README's command), restartable."""
 
-    def __init__(self, tmp_path: Path, *, ray_cpus: int = 2, **env: str):
+    def __init__(
+        self, tmp_path: Path, *, ray_cpus: int = 2, args: tuple[str, ...] = (), **env: str
+    ):
         self.ray_cpus = ray_cpus
+        self.args = tuple(args)  # more `topk serve` options
         self.data_dir = tmp_path / "data"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -142,7 +145,7 @@ class Serve:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
-                 "--data-dir", str(self.data_dir), "--ray-cpus", str(self.ray_cpus)],
+                 "--data-dir", str(self.data_dir), "--ray-cpus", str(self.ray_cpus), *self.args],
                 cwd=REPO, env={**self.env, **extra_env}, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         wait_for(self._ready, 150, interval=1.0, message=f"serve to be ready:\n{self.output()}")

@@ -52,7 +52,8 @@ def test_health_and_ready_need_no_token(api):
     ("method", "path"),
     [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/job-x"),
      ("GET", "/v1/sweeps"), ("POST", "/v1/jobs/job-x/cancel"), ("GET", "/v1/jobs/job-x/logs"),
-     ("GET", "/v1/jobs/job-x/metrics"), ("GET", "/v1/sweeps/sweep-x/trials/t0/metrics")],
+     ("GET", "/v1/jobs/job-x/metrics"), ("GET", "/v1/sweeps/sweep-x/trials/t0/metrics"),
+     ("GET", "/v1/info")],
 )  # fmt: skip
 def test_every_v1_route_needs_a_valid_token(api, method, path):
     server, *_ = api
@@ -62,6 +63,16 @@ def test_every_v1_route_needs_a_valid_token(api, method, path):
         assert response.status_code == 401, (headers, response.text)
         assert response.headers["www-authenticate"] == "Bearer"
         assert response.json()["error"] == "unauthorized"
+
+
+def test_info_gives_the_version_and_the_ray_dashboard(api):
+    from importlib.metadata import version
+
+    server, _, alice, *_ = api
+    with client_for(server, alice) as http:
+        info = http.get("/v1/info").json()
+    # launch mode hold: no cluster, so no dashboard (test_two_ray_clusters.py shows one)
+    assert info == {"version": version("topk-service"), "ray_dashboard_url": None}
 
 
 def test_submit_returns_the_queued_record_and_get_shows_history(api):

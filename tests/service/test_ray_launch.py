@@ -271,14 +271,14 @@ def test_command_line_against_the_server(ray_server, tmp_path):
 
     spec_file.write_text(yaml.safe_dump(tiny_spec(loss={"name": "noised_topk", "k": 50})))
     invalid = topk_cli("submit", str(spec_file), env=env)
-    assert invalid.returncode == 2 and "loss.k" in invalid.stderr
+    assert invalid.returncode == 3 and "loss.k" in invalid.stderr  # an invalid spec
     assert "Traceback" not in invalid.stderr
     missing = topk_cli("submit", str(tmp_path / "nope.yaml"), env=env)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     refused = topk_cli("status", env={**env, "TOPK_TOKEN": "topk_wrong"})
-    assert refused.returncode == 1 and "invalid or revoked token" in refused.stderr
+    assert refused.returncode == 4 and "invalid or revoked token" in refused.stderr
     unreachable = topk_cli("status", env={**env, "TOPK_URL": "http://127.0.0.1:9"})
-    assert unreachable.returncode == 1 and "cannot reach the service" in unreachable.stderr
+    assert unreachable.returncode == 4 and "cannot reach the service" in unreachable.stderr
 
 
 def test_serve_starts_and_stops_its_own_ray_head(tmp_path):

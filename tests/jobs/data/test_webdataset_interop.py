@@ -20,6 +20,7 @@ from jobs.data.dataset_info import DatasetInfo, ShardEntry, write_dataset_info
 from jobs.data.pipeline import build_eval_loader, build_train_loader
 from jobs.data.writer import build_shards
 from jobs.spec.data import DataSpec
+from service.cli import main as topk_main
 
 IDENTITY = {"random_resized_crop": False, "hflip": False, "mean": [0.0], "std": [1.0]}
 
@@ -111,6 +112,28 @@ def test_json_labels_with_a_label_key(tmp_path):
     )
     assert list(unlabelled) == []
     assert unlabelled.stats.skipped["missing_label"] == 20
+
+
+def test_label_key_in_the_spec_and_in_inspect(tmp_path, capsys):
+    assert spec_for("x.tar").label_key == "label"  # specs without it validate as before
+    with pytest.raises(ValueError, match="label_key"):
+        spec_for("x.tar", label_key="")
+    # a dataset.json over TarWriter shards with .json labels: `topk shards inspect --label-key`
+    with wds.TarWriter(str(tmp_path / "val-0.tar")) as sink:
+        for i in range(6):
+            sink.write({"__key__": f"{i}", "png": png_bytes(id_image(i)), "json": {"y": i % 3}})
+    info = DatasetInfo(
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        class_counts={"val": [2, 2, 2]},
+        num_samples={"val": 6},
+        shards={"val": [ShardEntry("val-0.tar", 6)]},
+    )
+    write_dataset_info(info, str(tmp_path))
+    assert topk_main(["shards", "inspect", str(tmp_path), "--quiet", "--label-key", "y"]) == 0
+    assert "6 good samples of 6 listed" in capsys.readouterr().out
+    assert topk_main(["shards", "inspect", str(tmp_path), "--quiet"]) == 1
+    assert "missing_label" in capsys.readouterr().out
 
 
 def test_our_shards_and_webdataset_shards_read_alike(tmp_path, id_dataset):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,17 @@ def test_a_four_trial_asha_sweep_returns_a_valid_best_config(
             "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         }
     )
-    summary = run_sweep(sweep, "sweep", storage=str(tmp_path))
+    with SweepFileWatcher(tmp_path / "sweep" / "sweep.json") as watcher:
+        summary = run_sweep(sweep, "sweep", storage=str(tmp_path))
+
+    # while it ran, sweep.json held the live trial table: trials running, with their last epoch
+    live = [table for table in watcher.seen if table.get("complete") is False]
+    assert live, f"no live trial table among {len(watcher.seen)} versions of sweep.json"
+    assert all(table["best_params"] is None for table in live)
+    running = [t for table in live for t in table["trials"] if t["status"] == "running"]
+    assert any(t["metrics"].get("epoch", 0) >= 1 for t in running), live[-1]
+    final_ids = {t["trial_id"] for t in summary["trials"]}
+    assert all({t["trial_id"] for t in table["trials"]} <= final_ids for table in live)
 
     trials = summary["trials"]
     assert len(trials) == 4
@@ -57,7 +69,7 @@ def test_a_four_trial_asha_sweep_returns_a_valid_best_config(
     assert best_config.loss.epsilon == best["params"]["loss.epsilon"]
     assert best_config.optim.lr == best["params"]["optim.lr"]
     on_disk = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert on_disk["best_config"] == summary["best_config"]
+    assert on_disk["best_config"] == summary["best_config"] and on_disk["complete"] is True
 
     # each trial ran as its own named run with per-epoch metrics on storage
     trial_dirs = sorted((tmp_path / "sweep" / "trials").iterdir())
@@ -69,6 +81,43 @@ def test_a_four_trial_asha_sweep_returns_a_valid_best_config(
     table = format_trial_table(summary)
     assert "loss.epsilon" in table and "optim.lr" in table and "val_top5" in table
     assert len(table.splitlines()) == 1 + 4 + 1
+    # the best trial as one readable line, not a dict
+    epsilon, lr = best["params"]["loss.epsilon"], best["params"]["optim.lr"]
+    assert table.splitlines()[-1] == (
+        f"best: loss.epsilon={epsilon:.4g}, optim.lr={lr:.4g} "
+        f"(val_top5 {best['metrics']['val_top5']:.4f}, trial {best['trial_id']})"
+    )
+    assert not re.search(r"[{}]", table.splitlines()[-1])
+
+
+class SweepFileWatcher:
+    """Reads sweep.json every 50 ms in a thread while the sweep runs; `seen` holds each
+    distinct version."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.seen = path, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        last = None
+        while not self._stop.wait(0.05):
+            try:
+                text = self.path.read_text()
+                table = json.loads(text)
+            except (OSError, ValueError):  # not there yet, or being replaced
+                continue
+            if text != last:
+                self.seen.append(table)
+                last = text
+
+    def __enter__(self) -> SweepFileWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def test_a_sweep_whose_trials_all_fail_for_the_spec_records_a_failed_result(
