@@ -574,7 +574,7 @@ _TRIAL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def _trial_ids(job: db.JobRow) -> set[str]:
-    """The trial ids in the sweep's trial table (sweep.json, written when the sweep ends)."""
+    """The trial ids in the sweep's trial table (sweep.json, rewritten while the sweep runs)."""
     try:
         sweep = run_storage.read_json(job.storage_root, job.id, "sweep.json") or {}
     except Exception as exc:

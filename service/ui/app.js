@@ -391,21 +391,24 @@ function jobPage(id) {
 
 function sweepPage(id) {
   const trialCurves = new Map();
+  const finalCurves = new Set(); // read after the sweep ended: they will not change
   return recordPage(
     "sweeps",
     id,
     async (record) => {
-      // A sweep's trial table exists once the sweep has finished (sweep.json); each trial's
-      // history is read once.
+      // The trial table (sweep.json) grows while the sweep runs: a trial's history is read
+      // again on every poll, and once more after the sweep has ended; then it is kept.
       const shown = rankedTrials(record).slice(0, MAX_TRIAL_CURVES);
+      const ended = TERMINAL.has(record.status);
       await Promise.all(
         shown
-          .filter((trial) => !trialCurves.has(trial.trial_id))
+          .filter((trial) => !(ended && finalCurves.has(trial.trial_id)))
           .map(async (trial) => {
             const trialId = encodeURIComponent(trial.trial_id);
             const path = `sweeps/${encodeURIComponent(id)}/trials/${trialId}/metrics`;
             try {
               trialCurves.set(trial.trial_id, (await api(path)).epochs);
+              if (ended) finalCurves.add(trial.trial_id);
             } catch (error) {
               if (!(error instanceof ApiError)) throw error; // drawn without it
             }
@@ -636,7 +639,7 @@ function renderSweep(record, curves) {
         { class: "muted" },
         TERMINAL.has(record.status)
           ? "This sweep wrote no trial table."
-          : "The trial table appears when the sweep has finished.",
+          : "The trial table appears when the first trial starts.",
       );
   const sections = [...header(record), el("section", null, el("h2", null, "Trials"), table)];
   if (record.best_params) {

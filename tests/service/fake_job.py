@@ -9,8 +9,8 @@ trial's trials/trial-<id>/metrics.jsonl) and behaves as the spec's `name` asks:
 - "userfail": write result.json {"status": "failed"} and exit 1;
 - "specfail": refuse the spec as `python -m jobs` does (field-path lines on stderr, exit 3);
 - a sweep whose name starts with "live" ("livesleep8"): sweep.json is also rewritten each epoch
-  with the live trial table, as jobs/sweep.py does while a sweep runs (opt-in until the web UI
-  re-reads the curves of trials that have not ended; the rest of the name is read as above).
+  with the live trial table, and the running trial's metrics.jsonl grows, as jobs/sweep.py
+  does while a sweep runs (the rest of the name is read as above).
 
 Like the real entrypoint it checks its spec URL and storage root against the process's URL
 limits (jobs.data.urls.check_url, TOPK_ALLOWED_*), exiting 2 when refused, and it records the
@@ -107,6 +107,11 @@ for epoch in range(1, seconds + 1):
                  "best_params": None, "best_config": None}  # fmt: skip
         (run_dir / "sweep.json.tmp").write_text(json.dumps(table))
         (run_dir / "sweep.json.tmp").replace(run_dir / "sweep.json")
+        running_trial = run_dir / "trials" / "trial-t0"  # its epochs so far, as at the end
+        running_trial.mkdir(parents=True, exist_ok=True)
+        with open(running_trial / "metrics.jsonl", "a") as metrics:
+            line = {"epoch": epoch, "train_loss": 1.0 / epoch, "val_top5": 0.5 * epoch / seconds}
+            metrics.write(json.dumps(line) + "\n")
     print(f"epoch {epoch} done", flush=True)
 if args.kind == "sweep":
     trials = [

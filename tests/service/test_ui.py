@@ -255,6 +255,29 @@ def test_sweep_page_shows_the_trial_table_and_curves(browser, ui_server):
         assert len(points(browser, "trial-loss", trial)) == 2
 
 
+def test_a_running_sweeps_page_draws_its_trials_as_they_train(browser, ui_server):
+    server, _, alice, _ = ui_server
+    sweep = {"train": tiny_spec("livesleep6"), "search": {"optim.lr": {"grid": [0.1, 0.01]}},
+             "scheduler": {"name": "fifo"}}  # fmt: skip
+    with client_for(server, alice) as http:
+        created = http.post("/v1/sweeps", json=sweep).json()
+        browser.open_as(server, f"/sweeps/{created['id']}", alice)
+        # while the sweep runs: the live table, and the running trial's curve growing
+        browser.wait(
+            lambda: browser.status() == "running"
+            and len(points(browser, "trial-metric", "t0")) >= 2,
+            120, "a running sweep's trial curve with two points",
+        )  # fmt: skip
+        assert http.get(f"/v1/sweeps/{created['id']}").json()["status"] == "running"
+        assert [row.get_attribute("data-trial") for row in browser.find("#trials tbody tr")] == [
+            "t0",
+            "t1",
+        ]
+        browser.wait(lambda: browser.status() == "succeeded", 120, "the sweep to succeed")
+    for trial in ("t0", "t1"):  # re-read after the live view: every epoch, no stale cache
+        assert [epoch for epoch, _ in points(browser, "trial-metric", trial)] == list(range(1, 7))
+
+
 def test_docs_render_from_the_package_with_no_network(browser, ui_server):
     server, *_ = ui_server
     browser.drain()
