@@ -82,15 +82,6 @@ def _maybe_inject_fault(rank: int, epoch: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _steps_per_epoch(loader: Any, spec: TrainSpec, world_size: int) -> int:
-    """Batches per epoch on each rank, for the per-step learning-rate schedule."""
-    try:
-        return max(len(loader), 1)
-    except TypeError:
-        samples = spec.data.samples_per_epoch or spec.batch_size * world_size
-        return max(samples // (spec.batch_size * world_size), 1)
-
-
 def _skipped_samples(loader: Any) -> int:
     stats = getattr(loader, "stats", None)
     if stats is None:
@@ -245,17 +236,28 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | LocalSession) ->
     model = model.to(device, memory_format=torch.channels_last if channels_last else None)
     optimizer = build_optimizer(model, **spec.optim.model_dump())
 
-    def train_loader(epoch: int) -> Any:
-        return build_train_loader(
+    # One loader per split for the whole run: shards and dataset.json are resolved once, the
+    # loader workers persist across epochs, and batches are pinned for the GPU.
+    pin_memory = device.type == "cuda"
+    loader = build_train_loader(
+        spec.data,
+        batch_size=spec.batch_size,
+        rank=rank,
+        world_size=world_size,
+        epoch=1,
+        seed=spec.seed,
+        pin_memory=pin_memory,
+    )
+    val_loader = None
+    if spec.data.val is not None:
+        val_loader = build_eval_loader(
             spec.data,
             batch_size=spec.batch_size,
             rank=rank,
             world_size=world_size,
-            epoch=epoch,
-            seed=spec.seed,
+            pin_memory=pin_memory,
         )
-
-    steps_per_epoch = _steps_per_epoch(train_loader(1), spec, world_size)
+    steps_per_epoch = loader.steps_per_epoch
     schedule = spec.schedule.model_dump()
     scheduler = build_scheduler(
         optimizer,
@@ -285,7 +287,7 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | LocalSession) ->
 
     for epoch in range(state.epoch + 1, spec.epochs + 1):
         _maybe_inject_fault(rank, epoch)
-        loader = train_loader(epoch)
+        loader.set_epoch(epoch)
         generator = torch.Generator(device=device).manual_seed(_noise_seed(spec.seed, rank, epoch))
         stats = train_one_epoch(
             model,
@@ -308,10 +310,7 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | LocalSession) ->
             "lr": optimizer.param_groups[0]["lr"],
             "resumed_from_epoch": resumed_from,
         }
-        if spec.data.val is not None:
-            val_loader = build_eval_loader(
-                spec.data, batch_size=spec.batch_size, rank=rank, world_size=world_size
-            )
+        if val_loader is not None:
             counts = evaluate(
                 model,
                 val_loader,

@@ -301,3 +301,27 @@ def test_missing_shard_fails_at_once_naming_it(id_dataset, tmp_path):
     spec = id_spec(id_dataset, val=[*shards, missing])
     with pytest.raises(DataPipelineError, match=f"data.val: shard {missing} does not exist"):
         build_eval_loader(spec, batch_size=4, rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_one_loader_for_the_run_gives_each_epoch_what_a_fresh_loader_gives(id_dataset, pin):
+    """The trainer keeps one loader for the run (workers persist, set_epoch moves it on): each
+    epoch's batches are exactly those of a loader built for that epoch, and the worker
+    processes are the same ones from epoch to epoch."""
+    spec = id_spec(id_dataset, loader_workers=2)
+    kept = build_train_loader(
+        spec, batch_size=5, rank=0, world_size=2, epoch=1, seed=3, pin_memory=pin
+    )
+    worker_pids = []
+    for epoch in (1, 2, 3):
+        kept.set_epoch(epoch)
+        got = [ids_from_batch(images) for images, _ in kept]
+        worker_pids.append(sorted(w.pid for w in kept._data_loader()._iterator._workers))
+        fresh = build_train_loader(spec, batch_size=5, rank=0, world_size=2, epoch=epoch, seed=3)
+        assert got == [ids_from_batch(images) for images, _ in fresh], epoch
+    assert worker_pids[0] == worker_pids[1] == worker_pids[2]
+    assert len(worker_pids[0]) == 2
+    kept.set_epoch(1)
+    again = [ids_from_batch(images) for images, _ in kept]
+    first = build_train_loader(spec, batch_size=5, rank=0, world_size=2, epoch=1, seed=3)
+    assert again == [ids_from_batch(images) for images, _ in first]
