@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import sys
 from collections.abc import Iterator
 
 import pytest
-from service_harness import Serve, ServerProcess
+from service_harness import FAKE_JOB, Serve, ServerProcess
 
 from service.db import Store
 from service.local_ray import LocalRayHead
@@ -101,3 +102,20 @@ def serve(tmp_path) -> Iterator:
             head = LocalRayHead.adopt(state_file)
             if head is not None:
                 head.stop()
+
+
+@pytest.fixture
+def ray_server(make_server, ray_head):
+    """Factory: a server on the session's Ray head that runs the fake job (fake_job.py)."""
+
+    def make(database_url: str | None = None, **settings):
+        return make_server(
+            database_url,
+            env=ray_head.auth_env,
+            ray_address=ray_head.dashboard_url,
+            job_python=f"{sys.executable} {FAKE_JOB}",
+            retry_backoff_s="0.5",
+            **settings,
+        )
+
+    return make

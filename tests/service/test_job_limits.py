@@ -6,26 +6,11 @@ jobs/exit_codes.py) fails at once while an infrastructure-like death is still re
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-from service_harness import FAKE_JOB, client_for, tiny_data, tiny_spec, wait_for
+from service_harness import client_for, ray_submissions, tiny_data, tiny_spec, wait_for
 
 DATA_ROOT = str(tiny_data())  # where tiny_spec's data URLs point
-
-
-@pytest.fixture
-def fake_job_server(make_server, ray_head):
-    def make(**settings):
-        return make_server(
-            env=ray_head.auth_env,
-            ray_address=ray_head.dashboard_url,
-            job_python=f"{sys.executable} {FAKE_JOB}",
-            retry_backoff_s="0.5",
-            **settings,
-        )
-
-    return make
 
 
 def _finished(http, job_id: str, timeout: float = 120.0) -> dict:
@@ -36,22 +21,11 @@ def _finished(http, job_id: str, timeout: float = 120.0) -> dict:
     return wait_for(current, timeout, message=f"{job_id} to finish")
 
 
-def _ray_submissions(ray_head, job_id: str) -> list[str]:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(ray_head.dashboard_url, headers=ray_head.auth_headers)
-    return sorted(
-        job.submission_id
-        for job in client.list_jobs()
-        if job.submission_id and job.submission_id.startswith(f"{job_id}-")
-    )
-
-
-def test_the_job_gets_the_services_url_limits_with_its_runs_folder(fake_job_server, tmp_path):
+def test_the_job_gets_the_services_url_limits_with_its_runs_folder(ray_server, tmp_path):
     """TOPK_ALLOWED_ROOTS leaves the runs folder out: the job still reads its spec.json there
     (the fake job checks its spec and storage URLs as `python -m jobs` does) and runs with the
     service's limits, not the Ray head's environment."""
-    server, store = fake_job_server(allowed_roots=DATA_ROOT, allowed_protocols="file,s3")
+    server, store = ray_server(allowed_roots=DATA_ROOT, allowed_protocols="file,s3")
     server.start()
     token = store.create_token("alice")
     with client_for(server, token) as http:
@@ -65,9 +39,9 @@ def test_the_job_gets_the_services_url_limits_with_its_runs_folder(fake_job_serv
 
 
 def test_a_spec_refused_by_the_worker_fails_at_once_and_a_lost_node_is_retried(
-    fake_job_server, ray_head
+    ray_server, ray_head
 ):
-    server, store = fake_job_server()
+    server, store = ray_server()
     server.start()
     token = store.create_token("alice")
     with client_for(server, token) as http:
@@ -79,7 +53,7 @@ def test_a_spec_refused_by_the_worker_fails_at_once_and_a_lost_node_is_retried(
     assert reason.startswith("the worker refused the spec (exit code 3): ")
     assert "invalid spec (1 problem(s)): loss.k: k + 1 must be at most" in reason
     assert "retrying" not in " ".join(e["reason"] for e in refused_done["events"])
-    assert _ray_submissions(ray_head, refused["id"]) == [f"{refused['id']}-1"]
+    assert ray_submissions(ray_head, refused["id"]) == [f"{refused['id']}-1"]
     assert flaky_done["status"] == "succeeded" and flaky_done["attempts"] == 2
 
 

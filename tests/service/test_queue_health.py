@@ -8,26 +8,11 @@ while Ray was idle, with /readyz saying ready. Real server, real Ray head, the f
 from __future__ import annotations
 
 import shutil
-import sys
 
 import pytest
-from service_harness import FAKE_JOB, client_for, tiny_spec, wait_for
+from service_harness import client_for, tiny_spec, wait_for
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-@pytest.fixture
-def ray_server(make_server, ray_head):
-    def make(**settings):
-        return make_server(
-            env=ray_head.auth_env,
-            ray_address=ray_head.dashboard_url,
-            job_python=f"{sys.executable} {FAKE_JOB}",
-            retry_backoff_s="0.5",
-            **settings,
-        )
-
-    return make
 
 
 def wait_status(http, job_id: str, statuses=TERMINAL, timeout: float = 90.0) -> dict:

@@ -14,39 +14,11 @@ import sys
 import httpx
 import pytest
 import yaml
-from service_harness import FAKE_JOB, REPO, client_for, tiny_spec, wait_for
+from service_harness import FAKE_JOB, REPO, client_for, ray_submissions, tiny_spec, wait_for
 
 from service.local_ray import LocalRayHead, free_port
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-@pytest.fixture
-def ray_server(make_server, ray_head):
-    """Factory: a server on the session's Ray head, running the fake job."""
-
-    def make(database_url: str | None = None, **settings):
-        return make_server(
-            database_url,
-            env=ray_head.auth_env,
-            ray_address=ray_head.dashboard_url,
-            job_python=f"{sys.executable} {FAKE_JOB}",
-            retry_backoff_s="0.5",
-            **settings,
-        )
-
-    return make
-
-
-def ray_submissions(ray_head, job_id: str) -> list[str]:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(ray_head.dashboard_url, headers=ray_head.auth_headers)
-    return sorted(
-        job.submission_id
-        for job in client.list_jobs()
-        if job.submission_id and job.submission_id.startswith(f"{job_id}-")
-    )
 
 
 def wait_status(http: httpx.Client, job_id: str, statuses=TERMINAL, timeout=90.0) -> dict:
