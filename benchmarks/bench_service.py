@@ -34,8 +34,7 @@ from service.db import Store  # noqa: E402
 from service.local_ray import free_port  # noqa: E402
 
 SPEC = {
-    "data": {"train": "/tmp/bench/train-{000..009}.tar", "val": "/tmp/bench/val-000.tar",
-             "num_classes": 100, "image_size": 32},
+    "data": {"train": None, "val": None, "num_classes": 100, "image_size": 32},  # set in main
     "loss": {"name": "noised_topk", "k": 5, "epsilon": 1.0},
     "epochs": 10,
 }  # fmt: skip
@@ -133,12 +132,15 @@ def main() -> int:
     parser.add_argument("--database-url", help="default: SQLite under a temporary data dir")
     args = parser.parse_args()
 
-    # The spec's local shards must exist at submission (the server stats them); empty files do.
-    Path("/tmp/bench").mkdir(exist_ok=True)
-    for i in range(10):
-        Path(f"/tmp/bench/train-{i:03d}.tar").touch()
-    Path("/tmp/bench/val-000.tar").touch()
     with tempfile.TemporaryDirectory(prefix="topk-bench-") as data_dir:
+        # The spec's local shards must exist at submission (the server stats them): empty files
+        # in the temporary folder do.
+        shards = Path(data_dir) / "shards"
+        shards.mkdir()
+        for name in [f"train-{i:03d}.tar" for i in range(10)] + ["val-000.tar"]:
+            (shards / name).touch()
+        SPEC["data"]["train"] = f"{shards}/train-{{000..009}}.tar"
+        SPEC["data"]["val"] = f"{shards}/val-000.tar"
         database_url = args.database_url or f"sqlite:///{data_dir}/topk.db"
         store = Store.from_url(database_url)
         store.migrate()

@@ -4,17 +4,14 @@ SQLite files and a fresh PostgreSQL database per test session."""
 from __future__ import annotations
 
 import contextlib
-import secrets
 import sys
 from collections.abc import Iterator
 
 import pytest
-from service_harness import FAKE_JOB, Serve, ServerProcess
+from service_harness import FAKE_JOB, Serve, ServerProcess, postgres_database
 
 from service.db import Store
 from service.local_ray import LocalRayHead
-
-POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture(scope="session")
@@ -32,21 +29,8 @@ def ray_head(tmp_path_factory) -> Iterator[LocalRayHead]:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh database on the local PostgreSQL server, dropped after the session."""
-    import sqlalchemy as sa
-
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"topk_service_test_{secrets.token_hex(4)}"
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sa.exc.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1:5432: {exc}")
-    try:
-        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with postgres_database("topk_service_test") as url:
+        yield url
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from service_harness import client_for, tiny_spec
+from service_harness import client_for, postgres_database, tiny_spec
 
 from service.db import hash_token
 
@@ -190,31 +190,17 @@ def test_no_database_is_made_unless_asked_and_each_command_names_its_database(tm
 
 
 def test_a_postgres_database_without_the_tables_is_not_set_up_unasked():
-    import sqlalchemy as sa
-
-    admin_url = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"topk_token_test_{secrets.token_hex(4)}"
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sa.exc.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1:5432: {exc}")
-    try:
+    with postgres_database("topk_token_test") as url:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOPK_")}
-        env["TOPK_DATABASE_URL"] = admin_url.rsplit("/", 1)[0] + f"/{name}"
+        env["TOPK_DATABASE_URL"] = url
         done = topk(env, "create", "alice")
         assert done.returncode == 2 and "holds no topk tables" in done.stderr, done
         assert "--create" in done.stderr
         assert topk(env, "list").returncode == 2
         made = topk(env, "create", "alice", "--create")
         assert made.returncode == 0, made.stderr
-        assert f"127.0.0.1:5432/{name}" in made.stderr
+        assert f"127.0.0.1:5432/{url.rsplit('/', 1)[1]}" in made.stderr
         assert "alice" in topk(env, "list").stdout
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def test_client_commands_without_a_token_say_how_to_get_one(served, tmp_path):
