@@ -27,11 +27,11 @@ import time
 from PIL import Image
 from webdataset.tariterators import tar_file_iterator
 
-from jobs.data.dataset_info import read_dataset_info
+from jobs.contract.data import DataSpec
+from jobs.contract.dataset_info import read_dataset_info
+from jobs.contract.urls import open_url
 from jobs.data.pipeline import build_train_loader
-from jobs.data.urls import open_url
 from jobs.data.writer import build_shards
-from jobs.spec.data import DataSpec
 
 OMNIGLOT_ZIP = "/work/shared/data/omniglot/images_background_small1.zip"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

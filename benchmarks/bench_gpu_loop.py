@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jobs.contract.data import DataSpec  # noqa: E402
 from jobs.data.pipeline import build_train_loader  # noqa: E402
 from jobs.data.sources import ImageSource, open_source  # noqa: E402
 from jobs.data.writer import build_shards  # noqa: E402
 from jobs.models import build_model  # noqa: E402
-from jobs.spec.data import DataSpec  # noqa: E402
 from jobs.training.loop import (  # noqa: E402
     _autocast,
     build_optimizer,

@@ -114,9 +114,9 @@ def _omniglot_shards(out: str) -> str:
 def bench_ddp(epochs: int) -> None:
     import ray
 
-    from jobs.spec.io import parse_train_spec
+    from jobs.contract.run_files import read_metrics
+    from jobs.contract.spec_files import parse_train_spec
     from jobs.training.run import run_training
-    from jobs.training.storage import read_metrics
 
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as folder:
         dataset = _omniglot_shards(f"{folder}/omniglot")

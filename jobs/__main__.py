@@ -3,7 +3,7 @@
     python -m jobs train --spec URL --run-name RUN [--storage ROOT] [--address ADDR]
     python -m jobs sweep --spec URL --run-name RUN [--storage ROOT] [--address ADDR]
 
-Exit codes (jobs/exit_codes.py): 0 success, 1 the run failed, 2 invalid arguments or an
+Exit codes (jobs/contract/exit_codes.py): 0 success, 1 the run failed, 2 invalid arguments or an
 unreadable spec file, 3 an invalid spec (one line per problem on stderr, never a traceback). An
 invalid spec is also recorded as a failed run in ROOT/RUN/result.json; the service fails the job
 at once on 2 or 3 instead of retrying it.
@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import exit_codes
 from jobs.cli import add_run_arguments, run_sweep_command, run_train_command
+from jobs.contract import exit_codes
 
 
 def build_parser() -> argparse.ArgumentParser:

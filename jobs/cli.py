@@ -1,7 +1,7 @@
 """`topk train SPEC` and `topk sweep SPEC`: run a training or sweep spec on Ray from a shell.
 
 Without --address a local Ray cluster is started for the run (or RAY_ADDRESS is used inside a
-Ray job). Progress is printed per epoch. Exit codes (jobs/exit_codes.py): 0 success, 1 the run
+Ray job). Progress is printed per epoch. Exit codes (jobs/contract/exit_codes.py): 0 success, 1 the run
 failed, 2 bad arguments or an unreadable spec file, 3 an invalid spec (every problem printed as
 "field.path: message"; local data that does not exist included).
 The same handlers serve `python -m jobs train|sweep --spec URL`, the entrypoint a Ray job runs.
@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from jobs import exit_codes
+from jobs.contract import exit_codes
 
 
 class UsageError(Exception):
@@ -66,7 +66,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, run_name_required: boo
 
 
 def _url_limits() -> dict[str, Any]:
-    from jobs.data.urls import url_limits_from_env
+    from jobs.contract.urls import url_limits_from_env
 
     return dict(url_limits_from_env())
 
@@ -77,7 +77,7 @@ def load_spec(url: str, kind: str) -> Any:
     or InvalidSpecError (the spec) with one line per problem."""
     from pydantic import ValidationError
 
-    from jobs.spec.io import (
+    from jobs.contract.spec_files import (
         SpecError,
         SpecFileError,
         format_validation_error,
@@ -154,12 +154,12 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     try:
         spec = load_spec(args.spec, kind)
         run_name = args.run_name or default_run_name(spec)
-        from jobs.training.storage import check_run_name, normalize_root
+        from jobs.contract.run_files import check_run_name, normalize_root
 
         check_run_name(run_name)
         storage = args.storage or (spec.storage if kind == "train" else spec.train.storage)
         if storage is not None:
-            from jobs.data.urls import check_url
+            from jobs.contract.urls import check_url
 
             check_url(storage, **_url_limits())
         root = normalize_root(storage)
@@ -217,7 +217,7 @@ def _record_invalid_spec(args: argparse.Namespace, error: InvalidSpecError) -> N
     run's own failure there, and fails the job with it instead of retrying. A spec can pass the
     service and be refused here: class counts that only the worker may read (service/specs.py).
     A failure to write is printed, not raised."""
-    from jobs.training.storage import check_run_name, join, normalize_root, write_json
+    from jobs.contract.run_files import check_run_name, join, normalize_root, write_json
 
     if not (args.run_name and args.storage):
         return

@@ -176,7 +176,7 @@ def build_model(
 
 def _load_backbone(model: nn.Module, url: str) -> None:
     """Load a state_dict into `model`, keeping the fresh final layer when shapes differ."""
-    from jobs.data.urls import open_url  # fsspec behind our protocol allow-list
+    from jobs.contract.urls import open_url  # fsspec behind our protocol allow-list
 
     with open_url(url, "rb") as handle:
         payload = handle.read()

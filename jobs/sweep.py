@@ -1,7 +1,7 @@
 """Ray Tune sweeps over dotted training-spec paths: `run_sweep(sweep_spec, run_name, ...)`.
 
 Each trial is a Tune function trainable that applies its sampled parameters to the base
-TrainSpec (`jobs.spec.sweep.apply_params`, which validates again) and runs a TorchTrainer inside
+TrainSpec (`jobs.contract.sweep.apply_params`, which validates again) and runs a TorchTrainer inside
 (Ray Train V2 pattern: the trainer reports to Tune through TuneReportCallback). ASHA stops weak
 trials on the per-epoch metric. Files under ROOT/RUN: spec.json (the sweep), tune/ (Tune's
 state), trials/<trial>/ (each trial's run: metrics.jsonl, checkpoints/, result.json) and
@@ -17,11 +17,7 @@ import math
 import time
 from typing import Any
 
-from jobs.spec.io import resolve_class_counts
-from jobs.spec.sweep import SweepSpec, apply_params, describe_best
-from jobs.spec.train import TrainSpec
-from jobs.training.run import build_trainer, ensure_ray, summarize_run
-from jobs.training.storage import (
+from jobs.contract.run_files import (
     check_run_name,
     join,
     normalize_root,
@@ -29,6 +25,10 @@ from jobs.training.storage import (
     read_json,
     write_json,
 )
+from jobs.contract.spec_files import resolve_class_counts
+from jobs.contract.sweep import SweepSpec, apply_params, describe_best
+from jobs.contract.train import TrainSpec
+from jobs.training.run import build_trainer, ensure_ray, summarize_run
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ import argparse
 import importlib
 import sys
 
-from jobs import exit_codes
+from jobs.contract import exit_codes
 from service import package_version
 
 SUBCOMMAND_MODULES = (
     "jobs.data.cli",  # topk shards build|inspect
-    "jobs.spec.cli",  # topk validate
+    "jobs.contract.cli",  # topk validate
     "jobs.cli",  # topk train|sweep (local runs on Ray)
     "jobs.experiment.cli",  # topk experiment
     "service.client_cli",  # topk serve|submit|status|logs|cancel|token|demo

@@ -4,7 +4,7 @@
 the job service over HTTP. Sweeps go through the service as `topk sweeps submit|status`, and
 `topk submit` also takes a sweep file (one with a `search` key).
 Heavy imports happen inside the handlers so `topk --help` stays fast. Exit codes:
-jobs/exit_codes.py.
+jobs/contract/exit_codes.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from jobs import exit_codes
+from jobs.contract import exit_codes
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 NO_TOKEN = (
@@ -512,7 +512,7 @@ def _redact(url: str) -> str:
 
 
 def run_submit(args) -> int:
-    from jobs.spec.io import SpecFileError, is_sweep_document, load_spec_file
+    from jobs.contract.spec_files import SpecFileError, is_sweep_document, load_spec_file
     from service.client import ServiceError
 
     try:
@@ -682,7 +682,7 @@ def _print_job(job: dict[str, Any]) -> None:
 def _print_trials(job: dict[str, Any]) -> None:
     """A sweep's trial table (live while the sweep runs: jobs/sweep.py rewrites sweep.json as
     trials report) and its best trial as one line."""
-    from jobs.spec.sweep import describe_best
+    from jobs.contract.sweep import describe_best
 
     spec = job.get("spec") or {}
     metric, mode = spec.get("metric", "val_top5"), spec.get("mode", "max")

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from jobs import exit_codes
+from jobs.contract import exit_codes
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

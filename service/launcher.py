@@ -49,7 +49,7 @@ def build_job_env(
     *, allowed_protocols: Sequence[str], allowed_roots: Sequence[str] | None
 ) -> dict[str, str]:
     """The environment variables a job runs with: the URL limits the service validated the spec
-    with, read by jobs.data.urls.check_url in the job's driver and every worker. Both are always
+    with, read by jobs.contract.urls.check_url in the job's driver and every worker. Both are always
     set (an empty TOPK_ALLOWED_ROOTS: no local root limit)."""
     return {
         "TOPK_ALLOWED_PROTOCOLS": ",".join(allowed_protocols),

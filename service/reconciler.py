@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from jobs import exit_codes
+from jobs.contract import exit_codes
 from service import run_storage
 from service.db import (
     CANCELLED,
@@ -58,7 +58,7 @@ log = logging.getLogger("topk.reconciler")
 RECENTLY_CANCELLED_S = 600.0
 SPEC_REFUSED_EXIT_CODES = exit_codes.REFUSED_BY_DRIVER
 """`python -m jobs train|sweep` exits 3 when the spec is invalid and 2 when its arguments or its
-spec file are refused (jobs/exit_codes.py): the user's error, the job fails at once. 1 when the
+spec file are refused (jobs/contract/exit_codes.py): the user's error, the job fails at once. 1 when the
 run failed; any other code or a vanished job is an infrastructure failure (retried up to
 TOPK_MAX_ATTEMPTS) unless the run recorded its own failure in result.json."""
 FAILING_PASSES = 3

@@ -1,6 +1,6 @@
 """Validating request bodies into training and sweep specs, with field-path error messages.
 
-The spec models and their error formatting live in jobs/spec (one schema everywhere); this
+The spec models and their error formatting live in jobs/contract (one schema everywhere); this
 module adds the service's URL limits as validation context, which dataset.json files the server
 may read while it answers (`needs_dataset_read`) and what the queue needs to know (requested
 resources, refused beyond the cluster's ceiling; storage root).
@@ -40,18 +40,18 @@ class ValidatedSpec:
 
 def parse_json_document(raw: bytes) -> Any:
     """A request body as strict JSON: duplicate keys, integers over 40 digits and nesting too deep
-    are ValueErrors (jobs.spec.io.parse_json_document, the CLI's JSON loader)."""
-    from jobs.spec.io import parse_json_document as parse
+    are ValueErrors (jobs.contract.spec_files.parse_json_document, the CLI's JSON loader)."""
+    from jobs.contract.spec_files import parse_json_document as parse
 
     return parse(raw)
 
 
 def spec_model(kind: str):
     if kind == "train":
-        from jobs.spec.train import TrainSpec
+        from jobs.contract.train import TrainSpec
 
         return TrainSpec
-    from jobs.spec.sweep import SweepSpec
+    from jobs.contract.sweep import SweepSpec
 
     return SweepSpec
 
@@ -68,8 +68,8 @@ def check_spec(kind: str, body: Any, settings: Settings):
     """The validation half of `validate_spec`: the spec model, or InvalidSpec. It reads no
     data, but looks at the file system (local data sources and the storage root are stat'ed),
     so it runs off the event loop."""
-    from jobs.spec.io import validation_problems
-    from jobs.spec.train import SpecError
+    from jobs.contract.spec_files import validation_problems
+    from jobs.contract.train import SpecError
 
     if not isinstance(body, dict):
         raise InvalidSpec([("", f"the body must be a JSON object, got {type(body).__name__}")])
@@ -99,8 +99,8 @@ def needs_dataset_read(model, settings: Settings) -> bool:
     fails the job with the reason when it cannot: a read on the request path would let any
     token holder make the server connect to a host and port of their choosing and time it.
     """
-    from jobs.data.urls import url_protocol
-    from jobs.spec.io import dataset_location
+    from jobs.contract.spec_files import dataset_location
+    from jobs.contract.urls import url_protocol
 
     train = getattr(model, "train", model)
     loss = train.loss
@@ -128,8 +128,8 @@ def complete_spec(kind: str, model, settings: Settings) -> ValidatedSpec:
     """The second half of `validate_spec`: class counts from dataset.json where needed and
     allowed (see `needs_dataset_read`), the resources the queue needs, checked against the
     cluster's ceiling when one is set, and the JSON-ready spec."""
-    from jobs.spec.io import resolve_class_counts, validation_problems
-    from jobs.spec.train import SpecError
+    from jobs.contract.spec_files import resolve_class_counts, validation_problems
+    from jobs.contract.train import SpecError
 
     train = model if kind == "train" else model.train
     scaling = train.scaling
@@ -202,7 +202,7 @@ def _beyond_ceiling(
 
 def _context(settings: Settings) -> dict[str, Any]:
     # Local data that does not exist is refused at submission, naming the field (a few stats,
-    # jobs/spec/train.py); remote data is read by the job only.
+    # jobs/contract/train.py); remote data is read by the job only.
     context: dict[str, Any] = {
         "allowed_protocols": list(settings.allowed_protocols),
         "check_local_data": True,

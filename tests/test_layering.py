@@ -26,5 +26,5 @@ def test_service_cli_does_not_import_torch_or_ray():
 
 
 def test_spec_models_do_not_import_torch():
-    modules = imported_after("import jobs.spec.train, jobs.spec.sweep")
+    modules = imported_after("import jobs.contract.train, jobs.contract.sweep")
     assert "torch" not in modules

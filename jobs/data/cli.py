@@ -2,7 +2,7 @@
 
 Handlers import the writer/inspector lazily so `topk --help` stays fast. Bad input gives one
 line on stderr and exit code 2 (USAGE); a failed write, and a dataset with bad samples for
-`inspect`, exit 1 (FAILED; jobs/exit_codes.py).
+`inspect`, exit 1 (FAILED; jobs/contract/exit_codes.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import exit_codes
+from jobs.contract import exit_codes
 
 
 def _positive_int(text: str) -> int:

@@ -6,14 +6,14 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jobs.data.dataset_info import read_dataset_info
+from jobs.contract.dataset_info import read_dataset_info
+from jobs.contract.urls import ALLOWED_PROTOCOLS, open_url
 from jobs.data.shard_format import (
     DEFAULT_LABEL_KEY,
     BadRecord,
     ShardReadError,
     read_shard_records,
 )
-from jobs.data.urls import ALLOWED_PROTOCOLS, open_url
 
 
 @dataclass(frozen=True)

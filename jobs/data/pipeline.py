@@ -40,15 +40,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from jobs.data.dataset_info import read_dataset_info
-from jobs.data.shard_format import (
-    SKIP_REASONS,
-    BadRecord,
-    RawSample,
-    ShardReadError,
-    read_shard_records,
-)
-from jobs.data.urls import (
+from jobs.contract.data import AugmentSpec, DataSpec, ShardSource
+from jobs.contract.dataset_info import read_dataset_info
+from jobs.contract.urls import (
     ALLOWED_PROTOCOLS,
     SHARD_SUFFIXES,
     check_url,
@@ -56,7 +50,13 @@ from jobs.data.urls import (
     missing_urls,
     open_url,
 )
-from jobs.spec.data import AugmentSpec, DataSpec, ShardSource
+from jobs.data.shard_format import (
+    SKIP_REASONS,
+    BadRecord,
+    RawSample,
+    ShardReadError,
+    read_shard_records,
+)
 
 _REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
 # Telling PIL the format skips probing every plugin; a wrong extension still fails cleanly.

@@ -6,7 +6,7 @@ and its label, either `<key>.cls` (the integer as text, what our writer makes) o
 webdataset iterates the tar members (`tar_file_iterator`), groups them into samples
 (`group_by_keys`) and writes them (`TarWriter`). This module adds what the project needs on top:
 
-- the bytes come from our own opener (`jobs.data.urls.open_url`, with its protocol allow-list);
+- the bytes come from our own opener (`jobs.contract.urls.open_url`, with its protocol allow-list);
   webdataset gets an open stream, never a URL, so its `gopen` (and `pipe:`) is never reached;
 - every sample comes back as a RawSample or as a BadRecord with a reason from SKIP_REASONS;
 - a cut-off archive is told apart from a whole one (`tarfile`'s stream mode, under webdataset,
@@ -33,7 +33,7 @@ from typing import IO, Any
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.writer import TarWriter
 
-from jobs.data.urls import join_url, open_url
+from jobs.contract.urls import join_url, open_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSION = "cls"

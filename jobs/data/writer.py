@@ -18,10 +18,10 @@ from typing import IO, Literal
 
 import numpy as np
 
-from jobs.data.dataset_info import DatasetInfo, ShardEntry, write_dataset_info
+from jobs.contract.dataset_info import DatasetInfo, ShardEntry, write_dataset_info
+from jobs.contract.urls import ALLOWED_PROTOCOLS, check_url
 from jobs.data.shard_format import ShardWriter
 from jobs.data.sources import ImageSource, open_source
-from jobs.data.urls import ALLOWED_PROTOCOLS, check_url
 
 ImageFormat = Literal["keep", "png", "jpeg", "webp"]
 ImbalanceProfile = Literal["exp", "step"]

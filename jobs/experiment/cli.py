@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jobs import exit_codes
+from jobs.contract import exit_codes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from jobs.spec.loss import LOSS_SPECS
+from jobs.contract.loss import LOSS_SPECS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
@@ -131,7 +131,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
     import yaml
     from pydantic import ValidationError
 
-    from jobs.spec.train import format_path
+    from jobs.contract.train import format_path
 
     path = Path(path)
     try:

@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.contract.loss import LOSS_SPECS
 from jobs.experiment.config import DatasetConfig, ExperimentConfig, deep_merge
-from jobs.spec.loss import LOSS_SPECS
 
 RECORD_FILE = "record.json"
 CPU_CONCURRENCY = 2
@@ -151,7 +151,7 @@ def make_spec(
     seed: int,
 ) -> dict[str, Any]:
     """The training spec (as JSON) of one run; validated here, so a bad config fails early."""
-    from jobs.spec.train import TrainSpec
+    from jobs.contract.train import TrainSpec
 
     loss_part = {"name": loss, **params}
     if "k" in LOSS_SPECS[loss].model_fields:
@@ -314,9 +314,9 @@ def train_and_test(run: dict[str, Any], runs_root: str, device: str = "cpu") -> 
     status "failed"."""
     import torch
 
-    from jobs.spec.train import TrainSpec
+    from jobs.contract.run_files import read_metrics
+    from jobs.contract.train import TrainSpec
     from jobs.training.run import run_training_in_process
-    from jobs.training.storage import read_metrics
     from jobs.training.worker import local_checkpoints
 
     torch.set_num_threads(1)

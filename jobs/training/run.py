@@ -16,10 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from jobs.data.urls import PROTOCOLS_ENV, ROOTS_ENV
-from jobs.spec.io import resolve_class_counts
-from jobs.spec.train import TrainSpec
-from jobs.training.storage import (
+from jobs.contract.run_files import (
     RAY_RUN_FOLDER,
     check_run_name,
     join,
@@ -29,6 +26,9 @@ from jobs.training.storage import (
     read_metrics,
     write_json,
 )
+from jobs.contract.spec_files import resolve_class_counts
+from jobs.contract.train import TrainSpec
+from jobs.contract.urls import PROTOCOLS_ENV, ROOTS_ENV
 from jobs.training.worker import FAULT_INJECTION_ENV
 
 logger = logging.getLogger(__name__)

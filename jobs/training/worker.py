@@ -29,9 +29,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from jobs.contract.run_files import MetricsLog, join, read_metrics
+from jobs.contract.train import TrainSpec
 from jobs.data.pipeline import build_eval_loader, build_train_loader
 from jobs.models import build_model
-from jobs.spec.train import TrainSpec
 from jobs.training.checkpoint import (
     STATE_FILE,
     TrainingState,
@@ -46,7 +47,6 @@ from jobs.training.loop import (
     train_one_epoch,
     use_channels_last,
 )
-from jobs.training.storage import MetricsLog, join, read_metrics
 from topk import create_loss
 
 # Test hook for the fault-tolerance test: "RANK:EPOCH:MARKER_PATH" makes that rank's process

@@ -279,7 +279,7 @@ exec(sys.argv[2])
 print("ok")
 """
 API_IMAGE_CODE = (
-    "import service.app, service.cli, jobs.spec.train, jobs.spec.sweep\nservice.cli.build_parser()"
+    "import service.app, service.cli, jobs.contract.train, jobs.contract.sweep\nservice.cli.build_parser()"
 )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from jobs.contract.train import ARCHITECTURES
 from jobs.models import build_model, list_archs
-from jobs.spec.train import ARCHITECTURES
 from topk.heads import CosineHead
 
 

@@ -13,7 +13,7 @@ trial's trials/trial-<id>/metrics.jsonl) and behaves as the spec's `name` asks:
   does while a sweep runs (the rest of the name is read as above).
 
 Like the real entrypoint it checks its spec URL and storage root against the process's URL
-limits (jobs.data.urls.check_url, TOPK_ALLOWED_*), exiting 2 when refused, and it records the
+limits (jobs.contract.urls.check_url, TOPK_ALLOWED_*), exiting 2 when refused, and it records the
 limits it was given in ROOT/RUN/env.json.
 
 Invoked as: python fake_job.py -m jobs {train|sweep} --spec URL --run-name RUN --storage ROOT
@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from jobs import exit_codes
-from jobs.data.urls import check_url
+from jobs.contract import exit_codes
+from jobs.contract.urls import check_url
 
 parser = argparse.ArgumentParser()
 parser.add_argument("-m")

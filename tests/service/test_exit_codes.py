@@ -1,4 +1,4 @@
-"""One set of exit codes for every `topk` command (jobs/exit_codes.py), as the README documents
+"""One set of exit codes for every `topk` command (jobs/contract/exit_codes.py), as the README documents
 them: 0 ok, 1 the run or followed job failed, 2 usage, 3 an invalid spec, 4 the service refused
 or is unreachable; and `topk --version`. The commands run as subprocesses against a real server
 (launch mode hold: jobs stay queued)."""
@@ -16,7 +16,7 @@ import pytest
 import yaml
 from service_harness import REPO, tiny_spec
 
-from jobs import exit_codes
+from jobs.contract import exit_codes
 from service.local_ray import free_port
 
 TOPK = Path(sys.executable).with_name("topk")

@@ -1,7 +1,7 @@
 """What the service hands its Ray jobs and how it reads their exit, against the real server and a
 real local Ray head, with tests/service/fake_job.py as the job: the URL limits travel with the
 job (the runs folder always among the roots), and a spec refused by the worker (exit code 3,
-jobs/exit_codes.py) fails at once while an infrastructure-like death is still retried."""
+jobs/contract/exit_codes.py) fails at once while an infrastructure-like death is still retried."""
 
 from __future__ import annotations
 

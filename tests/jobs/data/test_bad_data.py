@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from reference_data import ID_CLASSES, ID_IMAGE_SIZE, id_image, ids_from_batch, png_bytes, tar_bytes
 
-from jobs.data.dataset_info import DatasetInfo, ShardEntry, write_dataset_info
+from jobs.contract.data import DataSpec
+from jobs.contract.dataset_info import DatasetInfo, ShardEntry, write_dataset_info
 from jobs.data.inspection import inspect_dataset
 from jobs.data.pipeline import DataPipelineError, build_eval_loader, build_train_loader
 from jobs.data.shard_format import SKIP_REASONS
-from jobs.spec.data import DataSpec
 
 GOOD = 10  # good samples per crafted shard, ids 0..9
 

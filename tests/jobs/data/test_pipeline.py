@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from reference_data import ID_CLASSES, ID_IMAGE_SIZE, ids_from_batch
 
-from jobs.data.dataset_info import read_dataset_info
+from jobs.contract.data import AugmentSpec, DataSpec
+from jobs.contract.dataset_info import read_dataset_info
 from jobs.data.pipeline import (
     DataPipelineError,
     build_eval_loader,
@@ -26,7 +27,6 @@ from jobs.data.pipeline import (
     decode_image,
     plan_readers,
 )
-from jobs.spec.data import AugmentSpec, DataSpec
 
 IDENTITY = {"random_resized_crop": False, "hflip": False, "mean": [0.0], "std": [1.0]}
 

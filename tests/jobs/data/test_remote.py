@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from reference_data import ID_CLASSES, ID_IMAGE_SIZE, id_image, ids_from_batch
 
-from jobs.data.dataset_info import read_dataset_info
+from jobs.contract.data import DataSpec
+from jobs.contract.dataset_info import read_dataset_info
 from jobs.data.inspection import inspect_dataset
 from jobs.data.pipeline import DataPipelineError, build_eval_loader, build_train_loader
 from jobs.data.sources import ImageSource
 from jobs.data.writer import build_shards
-from jobs.spec.data import DataSpec
 
 
 def id_source(count: int) -> ImageSource:

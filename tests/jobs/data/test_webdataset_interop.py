@@ -16,10 +16,10 @@ import webdataset as wds
 from PIL import Image
 from reference_data import ID_CLASSES, ID_IMAGE_SIZE, id_image, ids_from_batch, png_bytes
 
-from jobs.data.dataset_info import DatasetInfo, ShardEntry, write_dataset_info
+from jobs.contract.data import DataSpec
+from jobs.contract.dataset_info import DatasetInfo, ShardEntry, write_dataset_info
 from jobs.data.pipeline import build_eval_loader, build_train_loader
 from jobs.data.writer import build_shards
-from jobs.spec.data import DataSpec
 from service.cli import main as topk_main
 
 IDENTITY = {"random_resized_crop": False, "hflip": False, "mean": [0.0], "std": [1.0]}

@@ -19,7 +19,7 @@ from reference_data import (
     require_omniglot,
 )
 
-from jobs.data.dataset_info import read_dataset_info
+from jobs.contract.dataset_info import read_dataset_info
 from jobs.data.shard_format import RawSample, read_shard_records
 from jobs.data.sources import ImageSource
 from jobs.data.writer import build_shards, long_tail_counts

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from jobs.contract.run_files import MetricsLog, check_run_name, normalize_root, ray_storage
 from jobs.training.checkpoint import (
     TrainingState,
     load_training_state,
@@ -18,7 +19,6 @@ from jobs.training.checkpoint import (
     save_training_state,
 )
 from jobs.training.loop import build_optimizer, build_scheduler
-from jobs.training.storage import MetricsLog, check_run_name, normalize_root, ray_storage
 
 
 def _setup(seed):

@@ -42,7 +42,7 @@ def test_an_invalid_spec_names_the_field_paths(tmp_path, omniglot_spec):
     done = _python_m_jobs(
         "train", "--spec", _write(tmp_path / "bad.yaml", spec), "--run-name", "r1", cwd=tmp_path
     )
-    assert done.returncode == 3  # an invalid spec (jobs/exit_codes.py)
+    assert done.returncode == 3  # an invalid spec (jobs/contract/exit_codes.py)
     assert "Traceback" not in done.stderr
     assert "loss.k:" in done.stderr
     spec["loss"]["k"] = 5

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from jobs.spec.train import TrainSpec
+from jobs.contract.run_files import read_metrics
+from jobs.contract.train import TrainSpec
 from jobs.training.checkpoint import unwrap
 from jobs.training.loop import (
     DevicePrefetcher,
@@ -21,7 +22,6 @@ from jobs.training.loop import (
     use_channels_last,
 )
 from jobs.training.run import run_training_in_process, scaling_config, torch_backend
-from jobs.training.storage import read_metrics
 from jobs.training.worker import LocalSession
 from topk.metrics import topk_counts
 

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from jobs.spec.train import TrainSpec
+from jobs.contract.run_files import read_metrics
+from jobs.contract.train import TrainSpec
 from jobs.training.run import run_training, run_training_in_process
-from jobs.training.storage import read_metrics
 from jobs.training.worker import LocalSession
 
 

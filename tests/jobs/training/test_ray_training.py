@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.spec.io import parse_train_spec
+from jobs.contract.run_files import read_metrics
+from jobs.contract.spec_files import parse_train_spec
 from jobs.training.checkpoint import load_training_state
 from jobs.training.run import run_training
-from jobs.training.storage import read_metrics
 from jobs.training.worker import FAULT_INJECTION_ENV
 
 SUBSET_CLASSES = 30  # conftest's Omniglot subset

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.spec.io import parse_sweep_spec, parse_train_spec
+from jobs.contract.run_files import read_metrics
+from jobs.contract.spec_files import parse_sweep_spec, parse_train_spec
 from jobs.sweep import format_trial_table, run_sweep
-from jobs.training.storage import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 
+from jobs.contract.train import TrainSpec
 from jobs.models import build_model
-from jobs.spec.train import TrainSpec
 from jobs.training.run import run_training_in_process
 
 NUM_CLASSES = 4

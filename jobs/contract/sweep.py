@@ -26,8 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from jobs.spec.loss import LOSS_SPECS
-from jobs.spec.train import SpecError, TrainSpec, check_metric_choice
+from jobs.contract.loss import LOSS_SPECS
+from jobs.contract.train import SpecError, TrainSpec, check_metric_choice
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform")
 
@@ -240,7 +240,7 @@ def _value_problems(
     try:
         apply_params(train, {path: value}, context=context)
     except ValidationError as exc:
-        from jobs.spec.io import validation_problems  # io imports this module
+        from jobs.contract.spec_files import validation_problems  # io imports this module
 
         return [(where, f"{inner}: {message}") for inner, message in validation_problems(exc)]
     except SpecError as exc:

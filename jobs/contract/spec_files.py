@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from jobs.spec.loss import LOSS_SPECS
-from jobs.spec.sweep import SweepSpec
-from jobs.spec.train import SpecError, TrainSpec, format_path
+from jobs.contract.loss import LOSS_SPECS
+from jobs.contract.sweep import SweepSpec
+from jobs.contract.train import SpecError, TrainSpec, format_path
 
 MAX_SPEC_FILE_BYTES = 1 << 20
 """A spec is a page of YAML; anything larger is a mistake (or an attack on the parser)."""
@@ -129,11 +129,11 @@ def _exceeds_node_count(document: Any, limit: int) -> bool:
 def load_spec_file(path_or_url: str, **url_limits: Any) -> dict[str, Any]:
     """Read a YAML or JSON spec (JSON when the name ends in .json) from a path or URL.
 
-    `url_limits` (allowed_protocols, allowed_roots) go to jobs.data.urls.check_url. Raises
+    `url_limits` (allowed_protocols, allowed_roots) go to jobs.contract.urls.check_url. Raises
     SpecFileError naming the file: refused URL, missing, too large, not UTF-8, not YAML/JSON, or
     not a mapping.
     """
-    from jobs.data.urls import check_url, open_url
+    from jobs.contract.urls import check_url, open_url
 
     try:
         url = check_url(path_or_url, **url_limits)
@@ -206,7 +206,7 @@ def resolve_class_counts(spec: SpecT, *, context: dict[str, Any] | None = None) 
 def dataset_location(train_source: str | list[str]) -> str:
     """Where the dataset.json of a train source lives: the source itself when it is a
     dataset.json URL or a dataset folder, else the folder/prefix of its (first) shard."""
-    from jobs.data.urls import parent_url
+    from jobs.contract.urls import parent_url
 
     first = train_source if isinstance(train_source, str) else train_source[0]
     first = first.partition("#")[0]  # `dataset.json#split` names a split, not another file
@@ -220,7 +220,7 @@ def dataset_location(train_source: str | list[str]) -> str:
 
 
 def _train_counts_from_dataset(spec: TrainSpec, context: dict[str, Any]) -> list[int]:
-    from jobs.data.dataset_info import read_dataset_info
+    from jobs.contract.dataset_info import read_dataset_info
 
     location = dataset_location(spec.data.train)
     limits = {k: context[k] for k in ("allowed_protocols", "allowed_roots") if k in context}

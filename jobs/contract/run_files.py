@@ -49,7 +49,7 @@ def normalize_root(root: str | None) -> str:
 
 def _check_protocol(url: str) -> None:
     try:
-        from jobs.data.urls import check_url
+        from jobs.contract.urls import check_url
     except ImportError:  # the data layer is not installed: fall back to local paths only
         if "://" in url and not url.startswith("file://"):
             raise ValueError(f"storage {url!r}: only local paths are supported") from None

@@ -9,7 +9,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
-from jobs.spec.loss import LOSS_SPECS, LossSpec
+from jobs.contract.loss import LOSS_SPECS, LossSpec
 from topk.registry import create_loss, get_loss_class, list_losses
 
 LOSS_ADAPTER = TypeAdapter(LossSpec)

@@ -9,8 +9,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from jobs.data.writer import build_shards
-from jobs.spec.io import (
+from jobs.contract.spec_files import (
     MAX_SPEC_FILE_BYTES,
     SpecFileError,
     dataset_location,
@@ -20,8 +19,9 @@ from jobs.spec.io import (
     parse_train_spec,
     resolve_class_counts,
 )
-from jobs.spec.sweep import SweepSpec
-from jobs.spec.train import SpecError, TrainSpec
+from jobs.contract.sweep import SweepSpec
+from jobs.contract.train import SpecError, TrainSpec
+from jobs.data.writer import build_shards
 
 YAML_SPEC = """\
 data:
@@ -96,7 +96,7 @@ def test_a_document_with_search_is_a_sweep():
 
 
 def load_yaml_text(text: str) -> dict:
-    from jobs.spec.io import parse_spec_text
+    from jobs.contract.spec_files import parse_spec_text
 
     return parse_spec_text(text)
 

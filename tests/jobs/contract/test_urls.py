@@ -7,7 +7,8 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from jobs.data.urls import (
+from jobs.contract.data import DataSpec
+from jobs.contract.urls import (
     MAX_BRACE_URLS,
     check_url,
     count_braces,
@@ -15,7 +16,6 @@ from jobs.data.urls import (
     missing_urls,
     open_url,
 )
-from jobs.spec.data import DataSpec
 
 
 @pytest.mark.parametrize(

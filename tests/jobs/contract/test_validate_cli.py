@@ -1,5 +1,5 @@
 """`topk validate SPEC`: every problem with its field path, exit 3 when invalid, 2 when
-unreadable (jobs/exit_codes.py); local data that does not exist is a problem of its field."""
+unreadable (jobs/contract/exit_codes.py); local data that does not exist is a problem of its field."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from jobs import exit_codes
-from jobs.spec.train import TrainSpec
+from jobs.contract import exit_codes
+from jobs.contract.train import TrainSpec
 from service.cli import main as topk_main
 
 TRAIN_COUNTS = [30 - i for i in range(20)]

@@ -2,7 +2,7 @@
 
 Prints every problem as "field.path: message" on stderr and exits 3 when the spec is invalid,
 2 when the file cannot be read; prints a one-paragraph summary and exits 0 when it is valid
-(jobs/exit_codes.py). Local data that does not exist is a problem of its field; remote data is
+(jobs/contract/exit_codes.py). Local data that does not exist is a problem of its field; remote data is
 not touched.
 """
 
@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from jobs import exit_codes
+from jobs.contract import exit_codes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def url_limits_from_env() -> dict[str, Any]:
     """The URL allow-list the service uses (TOPK_ALLOWED_PROTOCOLS, TOPK_ALLOWED_ROOTS)."""
-    from jobs.data.urls import url_limits_from_env as from_env
+    from jobs.contract.urls import url_limits_from_env as from_env
 
     return dict(from_env())
 
@@ -54,7 +54,7 @@ def url_limits_from_env() -> dict[str, Any]:
 def run_validate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from jobs.spec.io import (
+    from jobs.contract.spec_files import (
         SpecError,
         SpecFileError,
         format_validation_error,
@@ -105,7 +105,7 @@ def _names_missing_data(problem: str) -> bool:
 
 def describe_spec(spec: Any) -> str:
     """A short human summary of a valid TrainSpec or SweepSpec."""
-    from jobs.spec.sweep import SweepSpec
+    from jobs.contract.sweep import SweepSpec
 
     if isinstance(spec, SweepSpec):
         searched = ", ".join(

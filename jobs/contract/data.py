@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jobs.data.urls import check_url, expand_braces
+from jobs.contract.urls import check_url, expand_braces
 
 ShardSource = str | list[str]
 """Shard URLs: a brace pattern (`s3://b/train-{000..009}.tar`), a list of URLs, or the URL of a

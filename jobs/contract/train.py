@@ -4,7 +4,7 @@ The same model is the HTTP request body, the CLI's YAML/JSON file and the config
 re-validates. Unknown keys are errors. Cross-field rules are checked after the fields and report
 the field path the user typed (`loss.k: k + 1 = 137 exceeds data.num_classes = 136`).
 
-URL checks use the protocol allow-list of jobs.data.urls; a caller with other settings (the
+URL checks use the protocol allow-list of jobs.contract.urls; a caller with other settings (the
 service) passes them as validation context:
 `TrainSpec.model_validate(body, context={"allowed_protocols": [...], "allowed_roots": [...]})`.
 
@@ -26,8 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from jobs.spec.data import DataSpec
-from jobs.spec.loss import LOSS_SPECS, LossSpec, NoisedTopKLossSpec
+from jobs.contract.data import DataSpec
+from jobs.contract.loss import LOSS_SPECS, LossSpec, NoisedTopKLossSpec
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Run names become storage folder names and Ray run names: no slashes, no leading dot."""
@@ -298,7 +298,7 @@ class TrainSpec(BaseModel):
         """Refused URLs; a storage root that cannot be written; with the context's
         `check_local_data` (the service, `topk validate`, `train`, `sweep`), local data and
         weights that do not exist. Remote URLs are never touched here."""
-        from jobs.data.urls import check_url  # lazy: the data layer's import cost stays there
+        from jobs.contract.urls import check_url  # lazy: the data layer's import cost stays there
 
         limits = {
             key: context[key] for key in ("allowed_protocols", "allowed_roots") if key in context
@@ -346,7 +346,7 @@ def _local_data_problem(path: str, url: str) -> str | None:
     there; None when it is, or when `url` is remote (never touched at validation)."""
     import os
 
-    from jobs.data.urls import is_local, local_source_problem
+    from jobs.contract.urls import is_local, local_source_problem
 
     if not is_local(url):
         return None
@@ -365,7 +365,7 @@ def _storage_problem(url: str) -> str | None:
     whose nearest existing folder is not writable. One stat per level, no listing."""
     import os
 
-    from jobs.data.urls import is_local, url_protocol
+    from jobs.contract.urls import is_local, url_protocol
 
     if url_protocol(url) in _READ_ONLY_PROTOCOLS:
         return f"{url_protocol(url)}:// storage is read-only: runs are written there"

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from jobs.spec.io import format_validation_error, parse_train_spec
-from jobs.spec.train import (
+from jobs.contract.spec_files import format_validation_error, parse_train_spec
+from jobs.contract.train import (
     ARCHITECTURES,
     SpecError,
     TrainSpec,
@@ -227,8 +227,8 @@ def test_spec_error_survives_pickling_and_copying():
 def test_importing_the_spec_modules_does_not_import_torch_or_ray():
     code = (
         "import sys\n"
-        "import jobs.spec.train, jobs.spec.sweep, jobs.spec.io, jobs.spec.cli, jobs.spec.loss\n"
-        "from jobs.spec.io import parse_train_spec\n"
+        "import jobs.contract.train, jobs.contract.sweep, jobs.contract.spec_files, jobs.contract.cli, jobs.contract.loss\n"
+        "from jobs.contract.spec_files import parse_train_spec\n"
         "parse_train_spec({'data': {'train': 'a/dataset.json', 'val': 'a/dataset.json',"
         " 'num_classes': 10}})\n"
         "print(sorted(m for m in ('torch', 'ray', 'torchvision') if m in sys.modules))\n"
@@ -272,6 +272,6 @@ def test_the_k_rule_holds_for_every_loss_with_k(num_classes, k, name):
 
 
 def test_the_spec_offers_exactly_the_architectures_the_runtime_builds():
-    from jobs.models import list_archs  # imports torch: fine in a test, never in jobs/spec
+    from jobs.models import list_archs  # imports torch: fine in a test, never in jobs/contract
 
     assert sorted(ARCHITECTURES) == list_archs()

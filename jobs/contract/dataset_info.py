@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.data.urls import (
+from jobs.contract.urls import (
     ALLOWED_PROTOCOLS,
     DATASET_FILENAME,
     check_url,

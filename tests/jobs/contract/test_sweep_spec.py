@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from jobs.spec.io import format_validation_error, parse_sweep_spec
-from jobs.spec.sweep import Domain, SweepSpec, apply_params
-from jobs.spec.train import SpecError, TrainSpec
+from jobs.contract.spec_files import format_validation_error, parse_sweep_spec
+from jobs.contract.sweep import Domain, SweepSpec, apply_params
+from jobs.contract.train import SpecError, TrainSpec
 
 TRAIN = {
     "data": {

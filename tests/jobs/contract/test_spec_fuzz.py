@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from jobs.spec.io import format_validation_error, parse_spec
-from jobs.spec.train import SpecError
+from jobs.contract.spec_files import format_validation_error, parse_spec
+from jobs.contract.train import SpecError
 
 BASE = {
     "data": {"train": "d/dataset.json", "val": "d/dataset.json", "num_classes": 10},

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.data.dataset_info import read_dataset_info
-from jobs.spec.io import load_spec_file, parse_spec, resolve_class_counts
-from jobs.spec.loss import LOSS_SPECS
-from jobs.spec.sweep import SweepSpec
+from jobs.contract.dataset_info import read_dataset_info
+from jobs.contract.loss import LOSS_SPECS
+from jobs.contract.spec_files import load_spec_file, parse_spec, resolve_class_counts
+from jobs.contract.sweep import SweepSpec
 from topk.registry import list_losses
 
 REPO = Path(__file__).resolve().parents[3]
