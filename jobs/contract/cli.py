@@ -16,7 +16,7 @@ from typing import Any
 from jobs.contract import exit_codes
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "validate",
         help="check a training or sweep spec file",
@@ -55,13 +55,13 @@ def run_validate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from jobs.contract.spec_files import (
-        SpecError,
         SpecFileError,
         format_validation_error,
         load_spec_file,
         parse_spec,
         resolve_class_counts,
     )
+    from jobs.contract.train import SpecError
 
     context = url_limits_from_env()
     try:

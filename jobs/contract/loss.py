@@ -40,13 +40,19 @@ class ClassCountsMixin(BaseModel):
     @field_validator("class_counts")
     @classmethod
     def _check_class_counts(cls, counts: list[int] | None) -> list[int] | None:
-        if counts is None:
-            return None
-        if len(counts) < 2:
-            raise ValueError(f"needs one count per class (at least 2), got {len(counts)}")
-        if not any(counts):
-            raise ValueError("needs at least one class with a positive count")
-        return counts
+        return None if counts is None else check_class_counts(counts)
+
+
+def check_class_counts(counts: list[int]) -> list[int]:
+    """The rule for `class_counts` beyond its type (non-negative ints): one count per class, at
+    least 2 classes, at least one positive. Raises ValueError."""
+    if len(counts) < 2:
+        raise ValueError(f"needs one count per class (at least 2), got {len(counts)}")
+    if any(count < 0 for count in counts):
+        raise ValueError("counts cannot be negative")
+    if not any(counts):
+        raise ValueError("needs at least one class with a positive count")
+    return counts
 
 
 class CrossEntropyLossSpec(LossSpecBase):

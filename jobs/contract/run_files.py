@@ -1,9 +1,15 @@
-"""The run's files on storage (any fsspec URL; a local folder by default).
+"""The run's files on storage (any fsspec URL; a local folder by default): one layout, read
+and written here by the service (spec.json before launch; status reads) and the runtime.
 
 Layout for a run named RUN under the storage root ROOT:
 ROOT/RUN/spec.json, ROOT/RUN/metrics.jsonl (one JSON object per finished epoch),
 ROOT/RUN/checkpoints/ (Ray Train's run folder: checkpoint_* directories and its state),
-ROOT/RUN/result.json, and for sweeps ROOT/RUN/sweep.json.
+ROOT/RUN/result.json, and for sweeps ROOT/RUN/sweep.json and each trial's own run folder
+ROOT/RUN/trials/trial-<trial id>/.
+
+Readers tolerate what a concurrent writer can leave: a file that does not exist yet (None / [])
+and a JSON document or metrics line that does not parse yet (None / the line skipped). Local
+files are replaced atomically and object stores in one PUT, so those cases are rare.
 """
 
 from __future__ import annotations
@@ -16,8 +22,14 @@ from typing import Any
 
 import fsspec
 
+from jobs.contract.urls import check_url
+
 DEFAULT_STORAGE = os.path.join(".topk", "runs")
 RAY_RUN_FOLDER = "checkpoints"  # Ray Train's run name inside ROOT/RUN
+SPEC_FILE = "spec.json"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+SWEEP_FILE = "sweep.json"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -48,12 +60,6 @@ def normalize_root(root: str | None) -> str:
 
 
 def _check_protocol(url: str) -> None:
-    try:
-        from jobs.contract.urls import check_url
-    except ImportError:  # the data layer is not installed: fall back to local paths only
-        if "://" in url and not url.startswith("file://"):
-            raise ValueError(f"storage {url!r}: only local paths are supported") from None
-        return
     check_url(url)
 
 
@@ -61,11 +67,23 @@ def _filesystem(url: str) -> tuple[Any, str]:
     """The fsspec filesystem and path for `url`, which passes the process's URL limits first
     (every run file a worker opens meets the limits its spec was checked with)."""
     _check_protocol(url)
-    return fsspec.core.url_to_fs(url)
+    filesystem, path = fsspec.core.url_to_fs(url)
+    return filesystem, str(path)
 
 
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
+
+
+def run_url(root: str, run_name: str, filename: str) -> str:
+    """ROOT/RUN/FILENAME."""
+    return join(root, run_name, filename)
+
+
+def trial_run_name(run_name: str, trial_id: str) -> str:
+    """A sweep trial's run folder under the sweep's: RUN/trials/trial-<trial id> (its own
+    spec.json, metrics.jsonl, result.json)."""
+    return f"{run_name}/trials/trial-{trial_id}"
 
 
 def ray_storage(root_url: str) -> tuple[str, Any]:
@@ -80,7 +98,7 @@ def ray_storage(root_url: str) -> tuple[str, Any]:
     protocol = root_url.split("://", 1)[0]
     if protocol in {"s3", "gs", "gcs"}:
         return root_url, None
-    import pyarrow.fs
+    import pyarrow.fs  # type: ignore[import-untyped]  # pyarrow ships no type information
 
     filesystem, path = fsspec.core.url_to_fs(root_url)
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))
@@ -104,13 +122,15 @@ def write_text(url: str, text: str) -> None:
 
 
 def read_text(url: str) -> str | None:
-    """The file's text, or None when it does not exist."""
+    """The file's text, or None when it does not exist (a character cut by a concurrent
+    writer reads as U+FFFD, never an error)."""
     filesystem, path = _filesystem(url)
     try:
-        with filesystem.open(path, "r", encoding="utf-8") as handle:
-            return handle.read()
+        with filesystem.open(path, "rb") as handle:
+            data: bytes = handle.read()
     except FileNotFoundError:
         return None
+    return data.decode("utf-8", errors="replace")
 
 
 def write_json(url: str, value: Any) -> None:
@@ -118,14 +138,46 @@ def write_json(url: str, value: Any) -> None:
 
 
 def read_json(url: str) -> Any | None:
+    """The JSON document at `url`; None when it does not exist or does not parse yet."""
     text = read_text(url)
-    return None if text is None else json.loads(text)
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def read_metrics(url: str) -> list[dict[str, Any]]:
-    """The epochs recorded in a metrics.jsonl file (empty when absent)."""
-    text = read_text(url) or ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The epochs recorded in a metrics.jsonl file, in file order (empty when absent); a line
+    that is not a JSON object (one still being written) is skipped."""
+    records = []
+    for line in (read_text(url) or "").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def write_spec(root: str, run_name: str, spec: dict[str, Any]) -> str:
+    """ROOT/RUN/spec.json (replaced atomically on local disks); returns its URL."""
+    url = run_url(root, run_name, SPEC_FILE)
+    write_json(url, spec)
+    return url
+
+
+def read_run_json(root: str, run_name: str, filename: str) -> dict[str, Any] | None:
+    """ROOT/RUN/FILENAME as a JSON object; None when absent, unparsable yet, or not an object."""
+    value = read_json(run_url(root, run_name, filename))
+    return value if isinstance(value, dict) else None
+
+
+def read_run_metrics(root: str, run_name: str) -> list[dict[str, Any]]:
+    """The per-epoch history in ROOT/RUN/metrics.jsonl."""
+    return read_metrics(run_url(root, run_name, METRICS_FILE))
 
 
 class MetricsLog:

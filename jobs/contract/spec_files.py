@@ -10,9 +10,7 @@ No torch import here: the service validates specs with these functions.
 
 from __future__ import annotations
 
-import difflib
 import json
-import types
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -20,9 +18,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from jobs.contract.loss import LOSS_SPECS
+from jobs.contract import spec_errors
+from jobs.contract.dataset_info import read_dataset_info
+from jobs.contract.loss import check_class_counts
 from jobs.contract.sweep import SweepSpec
-from jobs.contract.train import SpecError, TrainSpec, format_path
+from jobs.contract.train import SpecError, TrainSpec
+from jobs.contract.urls import dataset_location
 
 MAX_SPEC_FILE_BYTES = 1 << 20
 """A spec is a page of YAML; anything larger is a mistake (or an attack on the parser)."""
@@ -32,8 +33,6 @@ MAX_SPEC_NODES = 100_000
 "billion laughs") would otherwise expand into billions of values during validation."""
 
 _ROOT_MODELS: dict[str, type[BaseModel]] = {"TrainSpec": TrainSpec, "SweepSpec": SweepSpec}
-# Loc entries that pydantic adds for the members of a plain (non-discriminated) union.
-_UNION_MEMBER_TAGS = frozenset({"str", "int", "float", "bool", "none", "list[str]", "list[int]"})
 
 
 class SpecFileError(ValueError):
@@ -175,53 +174,41 @@ def parse_spec(
     return parse_train_spec(raw, context=context)
 
 
-SpecT = typing.TypeVar("SpecT", TrainSpec, SweepSpec)
-
-
-def resolve_class_counts(spec: SpecT, *, context: dict[str, Any] | None = None) -> SpecT:
+@typing.overload
+def resolve_class_counts(
+    spec: TrainSpec, *, context: dict[str, Any] | None = None
+) -> TrainSpec: ...
+@typing.overload
+def resolve_class_counts(
+    spec: SweepSpec, *, context: dict[str, Any] | None = None
+) -> SweepSpec: ...
+@typing.overload
+def resolve_class_counts(
+    spec: TrainSpec | SweepSpec, *, context: dict[str, Any] | None = None
+) -> TrainSpec | SweepSpec: ...
+def resolve_class_counts(
+    spec: TrainSpec | SweepSpec, *, context: dict[str, Any] | None = None
+) -> TrainSpec | SweepSpec:
     """Fill `loss.class_counts` from the training split of data.train's dataset.json.
 
     Only for losses that need counts and lack them; otherwise `spec` comes back as is. For a
     sweep, the base training spec is filled (a trial that switches `loss.name` calls this on its
-    own spec). `context` carries the URL limits as for validation. Raises SpecError naming
-    loss.class_counts when the counts are neither given nor readable.
+    own spec). `context` carries the URL limits as for validation. The spec is not validated
+    again: the counts read are checked against their own rule and data.num_classes. Raises
+    SpecError naming loss.class_counts when the counts are neither given nor readable.
     """
     if isinstance(spec, SweepSpec):
         train = resolve_class_counts(spec.train, context=context)
-        if train is spec.train:
-            return spec
-        return SweepSpec.model_validate(
-            {**spec.model_dump(), "train": train.model_dump()}, context=context
-        )
+        return spec if train is spec.train else spec.model_copy(update={"train": train})
     loss = spec.loss
-    if not type(loss).needs_class_counts or loss.class_counts is not None:
+    if not type(loss).needs_class_counts or getattr(loss, "class_counts", None) is not None:
         return spec
     counts = _train_counts_from_dataset(spec, context or {})
-    return TrainSpec.model_validate(
-        {**spec.model_dump(), "loss": {**loss.model_dump(), "class_counts": counts}},
-        context=context,
-    )
-
-
-def dataset_location(train_source: str | list[str]) -> str:
-    """Where the dataset.json of a train source lives: the source itself when it is a
-    dataset.json URL or a dataset folder, else the folder/prefix of its (first) shard."""
-    from jobs.contract.urls import parent_url
-
-    first = train_source if isinstance(train_source, str) else train_source[0]
-    first = first.partition("#")[0]  # `dataset.json#split` names a split, not another file
-    if first.rstrip("/").endswith(".json"):
-        return first
-    if "{" in first:
-        return parent_url(first.split("{", 1)[0] + "x")  # the folder above the brace pattern
-    if isinstance(train_source, list) or first.endswith(".tar"):
-        return parent_url(first)
-    return first  # a dataset folder: read_dataset_info finds its dataset.json
+    filled = loss.model_copy(update={"class_counts": counts})
+    return spec.model_copy(update={"loss": filled})
 
 
 def _train_counts_from_dataset(spec: TrainSpec, context: dict[str, Any]) -> list[int]:
-    from jobs.contract.dataset_info import read_dataset_info
-
     location = dataset_location(spec.data.train)
     limits = {k: context[k] for k in ("allowed_protocols", "allowed_roots") if k in context}
     try:
@@ -248,121 +235,19 @@ def _train_counts_from_dataset(spec: TrainSpec, context: dict[str, Any]) -> list
                 )
             ]
         )
-    return counts
+    try:
+        return check_class_counts([int(count) for count in counts])
+    except (TypeError, ValueError) as exc:
+        raise SpecError([("loss.class_counts", f"the dataset at {location}: {exc}")]) from None
 
 
 def validation_problems(err: ValidationError | SpecError) -> list[tuple[str, str]]:
-    """(field path, message) for every problem in `err`, paths as the user typed them."""
-    if isinstance(err, SpecError):
-        return list(err.problems)
-    root = _ROOT_MODELS.get(err.title)
-    problems: list[tuple[str, str]] = []
-    for entry in err.errors():
-        raw_loc = tuple(entry["loc"])
-        path = format_path(_user_loc(raw_loc))
-        if entry["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            path = _join(path, "name")  # the discriminator field the user got wrong
-        cause = (entry.get("ctx") or {}).get("error")
-        if isinstance(cause, SpecError):
-            problems += [(_join(path, inner), message) for inner, message in cause.problems]
-            continue
-        problems.append((path or "(spec)", _message(entry, root, raw_loc)))
-    return _merge_union_alternatives(problems)
+    """(field path, message) for every problem in a train or sweep spec's `err`, paths as the
+    user typed them."""
+    root = _ROOT_MODELS.get(err.title) if isinstance(err, ValidationError) else None
+    return spec_errors.validation_problems(err, root=root)
 
 
 def format_validation_error(err: ValidationError | SpecError) -> list[str]:
     """One "field.path: message" line per problem."""
     return [f"{path}: {message}" for path, message in validation_problems(err)]
-
-
-def _join(prefix: str, path: str) -> str:
-    return f"{prefix}.{path}" if prefix else path
-
-
-def _user_loc(loc: tuple[str | int, ...]) -> list[str | int]:
-    """Drop the loc entries pydantic adds for union members (the loss name after `loss`, the
-    member type of a plain union), which the user never typed."""
-    kept: list[str | int] = []
-    for i, part in enumerate(loc):
-        if i > 0 and loc[i - 1] == "loss" and part in LOSS_SPECS:
-            continue
-        if isinstance(part, str) and part in _UNION_MEMBER_TAGS:
-            continue
-        kept.append(part)
-    return kept
-
-
-def _message(entry: dict[str, Any], root: type[BaseModel] | None, loc: tuple) -> str:
-    kind, ctx = entry["type"], entry.get("ctx") or {}
-    if kind == "union_tag_invalid":
-        return f"unknown loss {ctx.get('tag')!r}; valid choices: {', '.join(sorted(LOSS_SPECS))}"
-    if kind == "union_tag_not_found":
-        return f"required field is missing; valid choices: {', '.join(sorted(LOSS_SPECS))}"
-    if kind == "missing":
-        return "required field is missing"
-    if kind == "extra_forbidden":
-        fields = _fields_at(root, loc[:-1])
-        if not fields:
-            return "unknown field"
-        guess = _suggest_field(str(loc[-1]), fields)
-        hint = f"did you mean {guess!r}? " if guess else ""
-        return f"unknown field; {hint}valid fields: {', '.join(fields)}"
-    message = entry["msg"].removeprefix("Value error, ")
-    value = entry.get("input")
-    if (
-        isinstance(value, (int, float, str))
-        and not isinstance(value, bool)
-        and len(str(value)) < 80
-    ):
-        message += f" (got {value!r})"
-    return message
-
-
-def _suggest_field(typed: str, fields: list[str]) -> str | None:
-    """The field the user probably meant: a close spelling, or the initials of a long name
-    (`learning_rate` -> `lr`)."""
-    close = difflib.get_close_matches(typed, fields, n=1)
-    if close:
-        return close[0]
-    initials = "".join(part[0] for part in typed.lower().split("_") if part)
-    return next((f for f in fields if len(initials) > 1 and f == initials), None)
-
-
-def _fields_at(root: type[BaseModel] | None, loc: tuple) -> list[str]:
-    """The field names of the model at `loc` (a raw pydantic loc), or [] when unknown."""
-    model = root
-    for part in loc:
-        if model is None:
-            return []
-        if model.__name__ == "SweepSpec" and part == "search":
-            return []  # search keys are dotted paths, checked by the sweep validator
-        if isinstance(part, int) or part not in model.model_fields:
-            if part in LOSS_SPECS:  # the discriminator tag after `loss`
-                model = LOSS_SPECS[part]
-                continue
-            return []
-        model = _model_in(model.model_fields[part].annotation)
-    return list(model.model_fields) if model is not None else []
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model an annotation holds (through Optional, Annotated, list, dict)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType, typing.Annotated, list, dict):
-        for arg in typing.get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _merge_union_alternatives(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """One line per path: a plain union's members each report a problem for the same input."""
-    merged: dict[str, list[str]] = {}
-    for path, message in problems:
-        messages = merged.setdefault(path, [])
-        if message not in messages:
-            messages.append(message)
-    return [(path, "; or ".join(messages)) for path, messages in merged.items()]

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from jobs.contract.loss import LOSS_SPECS
+from jobs.contract.spec_errors import validation_problems
 from jobs.contract.train import SpecError, TrainSpec, check_metric_choice
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform")
@@ -80,6 +81,7 @@ class Domain(BaseModel):
             return tune.choice(list(self.choice))
         if self.uniform is not None:
             return tune.uniform(*self.uniform)
+        assert self.loguniform is not None  # exactly one kind is set (validated)
         return tune.loguniform(*self.loguniform)
 
 
@@ -209,12 +211,14 @@ def _domain_problems(
     if parent is None:
         return [(where, _missing_path_message(spec, path))]
     if domain.grid is not None or domain.choice is not None:
-        values = domain.grid if domain.grid is not None else domain.choice
+        values = domain.grid if domain.grid is not None else domain.choice or []
         problems = []
         for i, value in enumerate(values):
             problems += _value_problems(train, path, value, f"{where}.{domain.kind}[{i}]", context)
         return problems
-    lo, hi = domain.uniform or domain.loguniform
+    bounds = domain.uniform or domain.loguniform
+    assert bounds is not None  # exactly one kind is set (validated)
+    lo, hi = bounds
     # Tune draws real numbers in the range: probe one that is not an integer, besides the bounds.
     probe = lo + (hi - lo) / math.pi
     current = parent[key]
@@ -240,8 +244,6 @@ def _value_problems(
     try:
         apply_params(train, {path: value}, context=context)
     except ValidationError as exc:
-        from jobs.contract.spec_files import validation_problems  # io imports this module
-
         return [(where, f"{inner}: {message}") for inner, message in validation_problems(exc)]
     except SpecError as exc:
         return [(where, f"{inner}: {message}") for inner, message in exc.problems]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from typing import IO, Any
 
 ALLOWED_PROTOCOLS: frozenset[str] = frozenset({"file", "s3", "gs", "gcs", "https", "memory"})
@@ -210,6 +211,50 @@ def first_expansion(pattern: str) -> str:
     return "".join(parts) + pattern[position:]
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """What a spec's data source names, by the one rule every layer uses: a list is shard URLs;
+    a string whose URL (before any `#`) ends in .tar/.tar.gz/.tgz is a shard or a brace pattern
+    of shards; any other string is a dataset.json URL or the folder/prefix holding one, with
+    `#name` selecting a split."""
+
+    shards: tuple[str, ...] = ()
+    """The shard URLs or brace patterns, unexpanded (empty for a dataset source)."""
+    dataset: str | None = None
+    """The dataset.json URL or its folder (None for a shard source)."""
+    split: str | None = None
+    """The split after `#` of a dataset source (None: the field's own split)."""
+
+    @property
+    def dataset_location(self) -> str:
+        """Where this source's dataset.json lives: the dataset itself, else the folder/prefix
+        holding the (first) shard (the folder above a brace pattern)."""
+        if self.dataset is not None:
+            return self.dataset
+        first = self.shards[0]
+        if "{" in first:
+            return parent_url(first.split("{", 1)[0] + "x")
+        return parent_url(first)
+
+
+def parse_source(source: str | list[str]) -> DataSource:
+    """`source` (a spec's data.train / data.val value) as a DataSource; no I/O. Raises
+    ValueError for an empty list."""
+    if isinstance(source, list):
+        if not source:
+            raise ValueError("empty list of shard URLs")
+        return DataSource(shards=tuple(source))
+    location, hash_sign, split = source.partition("#")
+    if location.rstrip("/").endswith(SHARD_SUFFIXES):
+        return DataSource(shards=(location,))
+    return DataSource(dataset=location, split=split if hash_sign else None)
+
+
+def dataset_location(source: str | list[str]) -> str:
+    """Where the dataset.json of a data source lives (see DataSource.dataset_location)."""
+    return parse_source(source).dataset_location
+
+
 def local_source_problem(path: str, *, shard: bool = False) -> str | None:
     """Why the local data source at `path` (a path `check_url` returned) names nothing, when a
     few stats tell; None when it is there. A shard or brace pattern of shards (`shard`: an entry
@@ -217,7 +262,7 @@ def local_source_problem(path: str, *, shard: bool = False) -> str | None:
     dataset folder and must hold a dataset.json. A `#split` suffix is ignored. At most three
     stats, no listing, nothing opened."""
     path = path.partition("#")[0]
-    if shard or "{" in path or path.rstrip("/").endswith(SHARD_SUFFIXES):
+    if shard or parse_source(path).shards:
         try:
             first = first_expansion(path)
         except ValueError as exc:
@@ -272,9 +317,10 @@ def filesystem_for(url: str, **storage_options: Any) -> tuple[Any, str]:
     import fsspec.core
 
     try:
-        return fsspec.core.url_to_fs(url, **storage_options)
+        filesystem, path = fsspec.core.url_to_fs(url, **storage_options)
     except ImportError as exc:
         raise ValueError(f"cannot open {url}: {exc}") from None
+    return filesystem, str(path)
 
 
 def open_url(url: str, mode: str = "rb", **storage_options: Any) -> IO[bytes]:
@@ -296,9 +342,11 @@ def open_url(url: str, mode: str = "rb", **storage_options: Any) -> IO[bytes]:
             raise FileNotFoundError(f"{url} does not exist") from None
     fs, path = filesystem_for(url, **storage_options)
     try:
-        if "r" in mode:
-            return fs.open(path, mode, block_size=_REMOTE_BLOCK_BYTES, cache_type="readahead")
-        return fs.open(path, mode)
+        options = (
+            {"block_size": _REMOTE_BLOCK_BYTES, "cache_type": "readahead"} if "r" in mode else {}
+        )
+        handle: IO[bytes] = fs.open(path, mode, **options)
+        return handle
     except FileNotFoundError:
         raise FileNotFoundError(f"{url} does not exist") from None
 

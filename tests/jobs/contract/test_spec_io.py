@@ -12,7 +12,6 @@ import pytest
 from jobs.contract.spec_files import (
     MAX_SPEC_FILE_BYTES,
     SpecFileError,
-    dataset_location,
     format_validation_error,
     load_spec_file,
     parse_spec,
@@ -151,6 +150,37 @@ def test_class_counts_come_from_the_dataset_json_of_the_training_data(long_tail_
             assert resolved.model.cosine_head is type(spec.loss).needs_cosine_head
 
 
+def test_resolving_fills_the_counts_without_validating_the_spec_again(long_tail_dataset):
+    spec = train_spec(long_tail_dataset, {"name": "noised_topk_imbalanced", "k": 2})
+    resolved = resolve_class_counts(spec)
+    assert resolved.loss.class_counts == [8, 4, 2, 1]
+    # A second validation would have built new sub-models; the spec was validated once.
+    for part in ("data", "model", "optim", "scaling", "metrics"):
+        assert getattr(resolved, part) is getattr(spec, part), part
+    assert resolved.loss.epsilon == spec.loss.epsilon
+    sweep = parse_spec(
+        {
+            "train": {**spec.model_dump(mode="json"), "loss": {"name": "ldam"}},
+            "search": {"loss.max_m": {"grid": [0.1, 0.3]}},
+            "metric": "train_loss",
+            "mode": "min",
+        }
+    )
+    filled = resolve_class_counts(sweep)
+    assert filled.train.loss.class_counts == [8, 4, 2, 1]
+    assert filled.search is sweep.search and filled.train.data is sweep.train.data
+
+
+def test_counts_read_from_a_dataset_meet_the_counts_rule(tmp_path, long_tail_dataset):
+    copy = tmp_path / "zeros"
+    copy.mkdir()
+    written = json.loads(Path(long_tail_dataset, "dataset.json").read_text())
+    written["splits"]["train"]["class_counts"] = [0, 0, 0, 0]
+    (copy / "dataset.json").write_text(json.dumps(written))
+    with pytest.raises(SpecError, match="loss.class_counts.*at least one class with a positive"):
+        format_validation_error(resolve_class_counts(train_spec(str(copy), {"name": "ldam"})))
+
+
 def test_given_counts_and_losses_without_counts_are_left_alone(long_tail_dataset):
     given = train_spec(long_tail_dataset, {"name": "ldam", "class_counts": [1, 1, 1, 1]})
     assert resolve_class_counts(given) is given
@@ -187,13 +217,6 @@ def test_missing_counts_name_loss_class_counts(tmp_path, long_tail_dataset):
     narrowed = {"allowed_roots": [str(tmp_path)]}
     with pytest.raises(SpecError, match="outside the allowed roots"):
         resolve_class_counts(train_spec(long_tail_dataset, {"name": "ldam"}), context=narrowed)
-
-
-def test_dataset_location_of_each_source_form():
-    assert dataset_location("s3://b/ds/dataset.json") == "s3://b/ds/dataset.json"
-    assert dataset_location("s3://b/ds/train-{000..009}.tar") == "s3://b/ds"
-    assert dataset_location(["/d/x/train-0.tar", "/d/x/train-1.tar"]) == "/d/x"
-    assert dataset_location("/d/x/dataset.json#test") == "/d/x/dataset.json"
 
 
 def test_alias_bombs_are_refused_before_validation(tmp_path):

@@ -10,11 +10,14 @@ from pydantic import ValidationError
 from jobs.contract.data import DataSpec
 from jobs.contract.urls import (
     MAX_BRACE_URLS,
+    DataSource,
     check_url,
     count_braces,
+    dataset_location,
     expand_braces,
     missing_urls,
     open_url,
+    parse_source,
 )
 
 
@@ -179,3 +182,29 @@ def test_a_protocol_without_its_driver_is_a_clear_error():
             missing_urls(["gs://b/x.tar"])
     else:
         pytest.skip("gcsfs is installed here")
+
+
+def test_one_rule_tells_shards_from_datasets():
+    assert parse_source("s3://b/ds/train-{000..009}.tar") == DataSource(
+        shards=("s3://b/ds/train-{000..009}.tar",)
+    )
+    assert parse_source("d/train-000.tar.gz").shards == ("d/train-000.tar.gz",)
+    assert parse_source("d/train-000.tgz/").shards == ("d/train-000.tgz/",)
+    assert parse_source(["a.tar", "b.tar"]).shards == ("a.tar", "b.tar")
+    assert parse_source("s3://b/ds") == DataSource(dataset="s3://b/ds")
+    assert parse_source("/d/x/dataset.json#test") == DataSource(
+        dataset="/d/x/dataset.json", split="test"
+    )
+    assert parse_source("/d/x#") == DataSource(dataset="/d/x", split="")
+    with pytest.raises(ValueError, match="empty list"):
+        parse_source([])
+
+
+def test_dataset_location_of_each_source_form():
+    assert dataset_location("s3://b/ds/dataset.json") == "s3://b/ds/dataset.json"
+    assert dataset_location("s3://b/ds/train-{000..009}.tar") == "s3://b/ds"
+    assert dataset_location(["/d/x/train-0.tar", "/d/x/train-1.tar"]) == "/d/x"
+    assert dataset_location("/d/x/dataset.json#test") == "/d/x/dataset.json"
+    # a single compressed shard lives in its folder (it used to be taken for the dataset itself)
+    assert dataset_location("d/train-000.tar.gz") == "d"
+    assert dataset_location("s3://b/ds/train-000.tgz") == "s3://b/ds"
