@@ -16,9 +16,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The packages mypy checks strictly (settings in pyproject.toml's [tool.mypy]); add to the list.
+MYPY_STRICT := topk jobs/contract
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict $(MYPY_STRICT)
 
 format: setup
 	$(BIN)/ruff format .

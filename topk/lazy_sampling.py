@@ -31,10 +31,12 @@ sample in full (passing `delta` forces the lazy path on any device).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from topk.smoothing import sample_kth_largest_full
+from topk.full_sampling import sample_kth_largest_full
+from topk.lazy_candidates import candidate_sets, find_candidates, non_candidate_columns
 
 # Expected proposals per draw that the candidate threshold aims for (at T_c ~ s_(k)).
 _TARGET_PROPOSALS = 0.25
@@ -42,89 +44,11 @@ _TARGET_PROPOSALS = 0.25
 DEFAULT_MAX_EXPECTED_PROPOSALS = 16.0
 # Below this many classes full sampling is as cheap as the bookkeeping.
 _MIN_CLASSES = 256
-# Classes per block in the candidate search (one maximum per block in the first pass).
-_BLOCK = 32
 
 
 def _std_normal_sf_inverse(probability: float) -> float:
     """z with P(Z > z) = probability, for 0 < probability < 1."""
     return -float(torch.special.ndtri(torch.tensor(probability, dtype=torch.float64)))
-
-
-def _find_candidates(
-    scores: torch.Tensor, k: int, delta: float, max_blocks: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every class with s_j > tau, per row, where tau <= s_(k) - delta.
-
-    Returns (tau [rows], searched [rows] bool, row_of [m], column [m], candidate scores [m]) with
-    the m candidates grouped by row, columns ascending within a row. One pass over the scores
-    (the maximum of each block of _BLOCK classes) finds the blocks that can hold a candidate;
-    only those are read again, and only in rows with at most `max_blocks` of them (`searched`;
-    the other rows have more than max_blocks candidates and get none listed), so the work and
-    memory stay small where candidates are few. tau comes from the k-th largest block maximum,
-    a lower bound of s_(k) (equal unless two of the top k share a block): a lower tau only adds
-    candidates.
-    """
-    rows, classes = scores.shape
-    whole = classes // _BLOCK
-    tail = scores[:, whole * _BLOCK :]  # the last classes % _BLOCK classes
-    if whole < k:  # fewer blocks than k: take s_(k) itself and read every class
-        tau = torch.topk(scores, k, dim=1).values[:, k - 1] - delta
-        above = scores > tau.unsqueeze(1)
-        searched = above.sum(dim=1) <= max_blocks * _BLOCK
-        row_of, column = (above & searched.unsqueeze(1)).nonzero(as_tuple=True)
-        return tau, searched, row_of, column, scores[row_of, column]
-
-    blocks = scores[:, : whole * _BLOCK].unflatten(1, (whole, _BLOCK))  # a view
-    block_max = blocks.amax(dim=2)  # [rows, whole]
-    tau = torch.topk(block_max, k, dim=1).values[:, k - 1] - delta
-    hit_block = block_max > tau.unsqueeze(1)
-    tail_above = tail > tau.unsqueeze(1)
-    searched = hit_block.sum(dim=1) + tail_above.any(dim=1) <= max_blocks
-    hit_block &= searched.unsqueeze(1)
-    tail_above &= searched.unsqueeze(1)
-
-    hit_row, hit_index = hit_block.nonzero(as_tuple=True)
-    # Copy each hit block with index_select over overlapping windows of the flat scores:
-    # tens of times faster than advanced indexing, which gathers element by element.
-    windows = scores.reshape(-1).unfold(0, _BLOCK, 1)  # window i: flat scores i .. i + _BLOCK
-    hit_scores = windows.index_select(0, hit_row * classes + hit_index * _BLOCK)
-    hit, offset = (hit_scores > tau[hit_row].unsqueeze(1)).nonzero(as_tuple=True)
-    row_of = hit_row[hit]
-    column = hit_index[hit] * _BLOCK + offset
-    candidate_score = hit_scores[hit, offset]
-    if tail.shape[1]:
-        tail_row, tail_offset = tail_above.nonzero(as_tuple=True)
-        if tail_row.numel():
-            # Tail classes come last in a row: merge by (row, column) order.
-            row_of = torch.cat([row_of, tail_row])
-            column = torch.cat([column, tail_offset + whole * _BLOCK])
-            candidate_score = torch.cat([candidate_score, tail[tail_row, tail_offset]])
-            order = torch.argsort(row_of * classes + column)
-            row_of, column, candidate_score = row_of[order], column[order], candidate_score[order]
-    return tau, searched, row_of, column, candidate_score
-
-
-def _candidate_sets(
-    rows: int,
-    classes: int,
-    row_of: torch.Tensor,
-    column: torch.Tensor,
-    candidate_score: torch.Tensor,
-    counts: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad the candidates (grouped by row, ascending columns; counts [rows] per row, >= 1) to
-    (columns [rows, width] padded with `classes`, scores [rows, width] padded with -inf)."""
-    width = int(counts.max())
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(row_of.numel(), device=row_of.device) - starts[row_of]
-    columns = torch.full((rows, width), classes, dtype=torch.long, device=row_of.device)
-    columns[row_of, slot] = column
-    candidate_scores = torch.full(
-        (rows, width), -math.inf, dtype=candidate_score.dtype, device=row_of.device
-    )
-    candidate_scores[row_of, slot] = candidate_score
-    return columns, candidate_scores
 
 
 def _choose_without_replacement(
@@ -148,20 +72,6 @@ def _choose_without_replacement(
     return chosen
 
 
-def _non_candidate_columns(
-    positions: torch.Tensor, columns: torch.Tensor, classes: int
-) -> torch.Tensor:
-    """Map positions among a row's non-candidates to class indices.
-
-    positions: [draws, m] (>= 0); columns: [draws, width] the candidate columns, ascending,
-    padded with `classes`. The p-th non-candidate is p + #{i : columns_i - i <= p}.
-    """
-    # Padding (`classes`) must stay at the top for `shifted` to ascend.
-    shifted = columns - torch.arange(columns.shape[1], device=columns.device)
-    shifted = torch.where(columns == classes, classes, shifted)
-    return positions + torch.searchsorted(shifted.contiguous(), positions.contiguous(), right=True)
-
-
 @torch.no_grad()
 def sample_kth_largest_lazy(
     scores: torch.Tensor,
@@ -175,7 +85,7 @@ def sample_kth_largest_lazy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-draw k-th largest of `scores + epsilon * Z`, drawing noise only where it can matter.
 
-    Same contract and same output distribution as topk.smoothing.sample_kth_largest_full:
+    Same contract and same output distribution as topk.full_sampling.sample_kth_largest_full:
     scores [rows, classes] float32/float64, epsilon > 0; returns (values [rows, n_samples] in
     the scores' dtype, indices [rows, n_samples] int64). Draws come from `generator` (on the
     scores' device) or the device's default generator; the stream differs from full sampling.
@@ -198,7 +108,7 @@ def sample_kth_largest_lazy(
     max_candidates = max(k, classes // (2 * n_samples)) if automatic else classes
     # Each hit block holds a candidate; few blocks also bound the search's memory.
     max_blocks = max(1, max_candidates // 4) if automatic else classes
-    tau, searched, row_of, column, candidate_score = _find_candidates(scores, k, delta, max_blocks)
+    tau, searched, row_of, column, candidate_score = find_candidates(scores, k, delta, max_blocks)
     counts = torch.bincount(row_of, minlength=rows)
     lazy_row = searched & (counts <= max_candidates)
     n_lazy = int(lazy_row.sum())
@@ -242,6 +152,16 @@ def sample_kth_largest_lazy(
     return values, indices
 
 
+@dataclass
+class _Draws:
+    """The draws of the lazy rows, row-major: draw d belongs to row d // n_samples."""
+
+    row: torch.Tensor  # [draws] int64
+    noised: torch.Tensor  # [draws, width]: the candidates' noised scores, in their sets' order
+    values: torch.Tensor  # [draws]: T_c, then the k-th largest noised value
+    columns: torch.Tensor  # [draws] int64: the class holding it
+
+
 def _sample_lazy_rows(
     scores: torch.Tensor,
     candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -253,79 +173,134 @@ def _sample_lazy_rows(
     max_expected_proposals: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-4 for rows whose candidates are every class with a score above `threshold`
-    [rows], at least k per row, given as (row_of, column, score, counts) as _find_candidates
+    [rows], at least k per row, given as (row_of, column, score, counts) as find_candidates
     and bincount make them. Returns (values, indices) [rows, n_samples] as the caller's."""
     rows, classes = scores.shape
-    device = scores.device
     row_of, column, candidate_score, candidate_counts = candidates
-    # Step 1-2: candidates and their noise; T_c per draw. Shapes [rows, n_samples, width].
-    columns, candidate_scores = _candidate_sets(
+    columns, candidate_scores = candidate_sets(
         rows, classes, row_of, column, candidate_score, candidate_counts
     )
-    width = columns.shape[1]
-    candidate_noise = torch.randn(
-        rows, n_samples, width, dtype=scores.dtype, device=device, generator=generator
-    )
-    noised = candidate_scores.unsqueeze(1) + epsilon * candidate_noise
-    top = torch.topk(noised, k, dim=2)
-    draw_values = top.values[..., k - 1].reshape(-1)  # T_c, [lazy * n_samples]
-    draw_slot = top.indices[..., k - 1].reshape(-1)
-    draw_row = torch.arange(rows, device=device).repeat_interleave(n_samples)
-    noised = noised.reshape(-1, width)  # [draws, width]
+    draws = _noise_candidates(columns, candidate_scores, k, epsilon, n_samples, generator)
 
-    # Step 3: proposals among the other classes, per draw.
-    others = (classes - candidate_counts)[draw_row]  # [draws]
-    threshold_draw = threshold[draw_row].double()
-    t_c = draw_values.double()
-    log_p_max = torch.special.log_ndtr((threshold_draw - t_c) / epsilon)
-    expected = others.double() * log_p_max.exp()
-    in_full = expected > max_expected_proposals
+    # Step 3: how many of the other classes each draw proposes (a draw expecting too many is
+    # sampled in full instead), then which ones, and which of those cross T_c.
+    others = (classes - candidate_counts)[draws.row]  # [draws]
+    t_c = draws.values.double()
+    log_p_max = torch.special.log_ndtr((threshold[draws.row].double() - t_c) / epsilon)
+    in_full = others.double() * log_p_max.exp() > max_expected_proposals
     proposal_counts = torch.binomial(
         others.double(), log_p_max.exp().clamp(max=1.0), generator=generator
     ).long()
     proposal_counts = torch.where(in_full, 0, torch.minimum(proposal_counts, others))
-
     proposing = (proposal_counts > 0).nonzero().squeeze(1)
     if proposing.numel():
-        prop_rows = draw_row[proposing]
         positions = _choose_without_replacement(
             proposal_counts[proposing], others[proposing], generator
         )
-        valid = positions >= 0
-        prop_columns = _non_candidate_columns(positions.clamp(min=0), columns[prop_rows], classes)
-        prop_columns = torch.where(valid, prop_columns, 0)
-        prop_scores = scores[prop_rows.unsqueeze(1), prop_columns].double()
-        a = (t_c[proposing].unsqueeze(1) - prop_scores) / epsilon  # cross iff Z > a
-        log_p = torch.special.log_ndtr(-a)
-        accept = torch.rand(a.shape, dtype=torch.float64, device=device, generator=generator)
-        keep = valid & (accept.log() < log_p - log_p_max[proposing].unsqueeze(1))
-        # Z | Z > a by the inverse CDF of the upper tail; clamp against rounding below a.
-        tail = torch.rand(a.shape, dtype=torch.float64, device=device, generator=generator)
-        z = (-torch.special.ndtri(tail * log_p.exp())).maximum(a)
-        prop_values = torch.where(keep, prop_scores + epsilon * z, -math.inf).to(scores.dtype)
-        merged = torch.cat([noised[proposing], prop_values], dim=1)
-        merged_columns = torch.cat([columns[prop_rows], prop_columns], dim=1)
-        best = torch.topk(merged, k, dim=1)
-        draw_values[proposing] = best.values[:, k - 1]
-        draw_slot_columns = merged_columns.gather(1, best.indices[:, k - 1 : k]).squeeze(1)
-    draw_columns = columns[draw_row, draw_slot]
-    if proposing.numel():
-        draw_columns[proposing] = draw_slot_columns
+        _merge_crossings(
+            scores,
+            columns,
+            draws,
+            proposing,
+            positions,
+            (t_c[proposing], log_p_max[proposing]),
+            k,
+            epsilon,
+            generator,
+        )
+    _sample_in_full(scores, columns, draws, in_full.nonzero().squeeze(1), k, epsilon, generator)
+    return draws.values.reshape(rows, n_samples), draws.columns.reshape(rows, n_samples)
 
-    # Fallback draws: keep the candidates' noise, draw every other class's noise in full,
-    # a block of at most `rows` draws at a time (memory O(rows * classes)).
-    fallback = in_full.nonzero().squeeze(1)
+
+def _noise_candidates(
+    columns: torch.Tensor,
+    candidate_scores: torch.Tensor,
+    k: int,
+    epsilon: float,
+    n_samples: int,
+    generator: torch.Generator | None,
+) -> _Draws:
+    """Steps 1-2: noise for the candidates only (columns, candidate_scores [rows, width] from
+    candidate_sets), n_samples draws per row; T_c, the k-th largest noised candidate, per draw."""
+    rows, width = candidate_scores.shape
+    device = candidate_scores.device
+    candidate_noise = torch.randn(
+        rows, n_samples, width, dtype=candidate_scores.dtype, device=device, generator=generator
+    )
+    noised = candidate_scores.unsqueeze(1) + epsilon * candidate_noise
+    top = torch.topk(noised, k, dim=2)
+    row = torch.arange(rows, device=device).repeat_interleave(n_samples)
+    return _Draws(
+        row=row,
+        noised=noised.reshape(-1, width),
+        values=top.values[..., k - 1].reshape(-1),
+        columns=columns[row, top.indices[..., k - 1].reshape(-1)],
+    )
+
+
+def _merge_crossings(
+    scores: torch.Tensor,
+    columns: torch.Tensor,
+    draws: _Draws,
+    proposing: torch.Tensor,
+    positions: torch.Tensor,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    k: int,
+    epsilon: float,
+    generator: torch.Generator | None,
+) -> None:
+    """Step 3 for the draws `proposing` [m]: the proposed classes (positions [m, width] among the
+    row's non-candidates, -1 past each draw's count) cross T_c with probability p_j / p_max,
+    with a normal truncated to exceed a_j; then each draw's k-th largest of its candidates and
+    its crossing classes replaces T_c in `draws`. bounds: (T_c, log p_max) [m] float64."""
+    t_c, log_p_max = bounds
+    classes = scores.shape[1]
+    rows = draws.row[proposing]
+    valid = positions >= 0
+    proposed = non_candidate_columns(positions.clamp(min=0), columns[rows], classes)
+    proposed = torch.where(valid, proposed, 0)
+    proposed_scores = scores[rows.unsqueeze(1), proposed].double()
+    a = (t_c.unsqueeze(1) - proposed_scores) / epsilon  # cross iff Z > a
+    log_p = torch.special.log_ndtr(-a)
+    accept = torch.rand(a.shape, dtype=torch.float64, device=a.device, generator=generator)
+    keep = valid & (accept.log() < log_p - log_p_max.unsqueeze(1))
+    # Z | Z > a by the inverse CDF of the upper tail; clamp against rounding below a.
+    tail = torch.rand(a.shape, dtype=torch.float64, device=a.device, generator=generator)
+    z = (-torch.special.ndtri(tail * log_p.exp())).maximum(a)
+    crossing = torch.where(keep, proposed_scores + epsilon * z, -math.inf).to(scores.dtype)
+    merged = torch.cat([draws.noised[proposing], crossing], dim=1)
+    merged_columns = torch.cat([columns[rows], proposed], dim=1)
+    best = torch.topk(merged, k, dim=1)
+    draws.values[proposing] = best.values[:, k - 1]
+    draws.columns[proposing] = merged_columns.gather(1, best.indices[:, k - 1 : k]).squeeze(1)
+
+
+def _sample_in_full(
+    scores: torch.Tensor,
+    columns: torch.Tensor,
+    draws: _Draws,
+    fallback: torch.Tensor,
+    k: int,
+    epsilon: float,
+    generator: torch.Generator | None,
+) -> None:
+    """The fallback draws [m]: keep the candidates' noise, draw every other class's noise in
+    full, a block of at most `rows` draws at a time (memory O(rows * classes)); their k-th
+    largest replaces T_c in `draws`."""
+    rows, classes = scores.shape
     for start in range(0, fallback.numel(), rows):
         block = fallback[start : start + rows]
-        block_rows = draw_row[block]
+        block_rows = draws.row[block]
         full = torch.randn(
-            block.numel(), classes + 1, dtype=scores.dtype, device=device, generator=generator
+            block.numel(),
+            classes + 1,
+            dtype=scores.dtype,
+            device=scores.device,
+            generator=generator,
         )
         full[:, :classes].mul_(epsilon).add_(scores[block_rows])
         # Candidate columns (padding points at the spare last column) get their drawn values.
-        full.scatter_(1, columns[draw_row[block]], noised[block])
+        full.scatter_(1, columns[block_rows], draws.noised[block])
         best = torch.topk(full[:, :classes], k, dim=1)
-        draw_values[block] = best.values[:, k - 1]
-        draw_columns[block] = best.indices[:, k - 1]
-
-    return draw_values.reshape(rows, n_samples), draw_columns.reshape(rows, n_samples)
+        draws.values[block] = best.values[:, k - 1]
+        draws.columns[block] = best.indices[:, k - 1]

@@ -6,97 +6,35 @@ estimated by the mean over `n_samples` draws. Its gradient estimate is the mean 
 one-hot vector at the index holding the k-th largest noised value, so each row of the gradient
 sums to 1. eps = 0 gives back the hard k-th largest entry and its one-hot gradient.
 
-The functional core (`sample_kth_largest_full`, or topk.lazy_sampling's exact lazy sampler)
+The functional core is a sampling strategy (topk.sampling: "full" or the exact "lazy"): it
 takes the noise or a generator and returns, for every row and draw, the k-th largest noised value
 and its index; `smoothed_kth_largest` wraps it in a custom autograd function. Memory stays
-O(rows * classes): the draws are made one slice at a time into a single reusable buffer, never as
-a (rows, classes, n_samples) tensor.
+O(rows * classes), never a (rows, classes, n_samples) tensor.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import FunctionCtx
 
-from topk.fused_selection import draw_counts, noised_kth_largest, uses_triton
+from topk.fused_selection import noised_kth_largest, uses_triton
+from topk.sampling import (
+    check_generator,
+    check_sampler,
+    draw_counts,
+    sample_kth_largest,
+    working_dtype,
+)
 from topk.validation import check_positive_float, check_positive_int, host_reads_allowed
 
-SAMPLERS = ("full", "lazy")
 
-# Draw several samples per buffer only while the buffer stays this small (elements): it saves
-# per-call overhead on small inputs without growing the O(rows * classes) memory on large ones.
-_SMALL_BUFFER_ELEMENTS = 1 << 16
+class _SelectionContext(FunctionCtx):
+    """What _MeanOneHotSelection's forward leaves for its backward (declared for the type
+    checker: autograd passes its own context object)."""
 
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the noise is drawn and the selection made in: float64 stays, all else float32.
-
-    Half precision is not good enough: bfloat16 noise moves about 11 % of the sampled indices to a
-    near-tied class.
-    """
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_sampler(sampler: object) -> str:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    return sampler  # type: ignore[return-value]
-
-
-def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator)}")
-    if generator.device.type != device.type:
-        raise ValueError(
-            f"generator is on {generator.device} but the scores are on {device}; "
-            "create it with torch.Generator(device=scores.device)"
-        )
-
-
-@torch.no_grad()
-def sample_kth_largest_full(
-    scores: torch.Tensor,
-    k: int,
-    epsilon: float,
-    n_samples: int,
-    *,
-    generator: torch.Generator | None = None,
-    noise: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-draw k-th largest of `scores + epsilon * noise`, drawing noise for every class.
-
-    scores: [rows, classes], float32 or float64 (the working dtype). noise: None (drawn from
-    `generator`, or the default generator of the scores' device) or [n_samples, rows, classes].
-    Returns (values [rows, n_samples] in the scores' dtype, indices [rows, n_samples] int64).
-    Peak extra memory: one [rows, classes] buffer (a few more rows for tiny inputs).
-    """
-    rows, classes = scores.shape
-    if epsilon == 0.0 and noise is None:  # the hard operator: every draw is the same
-        top = torch.topk(scores, k, dim=-1)
-        return (
-            top.values[:, k - 1 : k].expand(rows, n_samples),
-            top.indices[:, k - 1 : k].expand(rows, n_samples),
-        )
-
-    # topk writes each draw's top k straight into these (no per-draw copies); [n, rows, k].
-    top_values = scores.new_empty(n_samples, rows, k)
-    top_indices = torch.empty(n_samples, rows, k, dtype=torch.long, device=scores.device)
-    if noise is not None:
-        for draw in range(n_samples):
-            noised = torch.add(scores, noise[draw].to(scores.dtype), alpha=epsilon)
-            torch.topk(noised, k, dim=-1, out=(top_values[draw], top_indices[draw]))
-    else:
-        per_chunk = max(1, min(n_samples, _SMALL_BUFFER_ELEMENTS // max(1, rows * classes)))
-        buffer = scores.new_empty(per_chunk, rows, classes)
-        for start in range(0, n_samples, per_chunk):
-            stop = min(start + per_chunk, n_samples)
-            chunk = buffer[: stop - start]
-            chunk.normal_(generator=generator)
-            torch.add(scores, chunk, alpha=epsilon, out=chunk)
-            torch.topk(chunk, k, dim=-1, out=(top_values[start:stop], top_indices[start:stop]))
-    # Column k - 1 is the k-th largest; [n, rows] -> [rows, n].
-    return top_values[..., k - 1].T, top_indices[..., k - 1].T
+    saved_tensors: tuple[torch.Tensor, ...]
+    scores_shape: torch.Size
+    scores_dtype: torch.dtype
 
 
 class _MeanOneHotSelection(torch.autograd.Function):
@@ -106,7 +44,12 @@ class _MeanOneHotSelection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, scores, sampled_values, sampled_indices):  # type: ignore[override]
+    def forward(
+        ctx: _SelectionContext,
+        scores: torch.Tensor,
+        sampled_values: torch.Tensor,
+        sampled_indices: torch.Tensor,
+    ) -> torch.Tensor:
         ctx.save_for_backward(sampled_indices)
         ctx.scores_shape = scores.shape
         ctx.scores_dtype = scores.dtype
@@ -114,7 +57,9 @@ class _MeanOneHotSelection(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(
+        ctx: _SelectionContext, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None]:
         (sampled_indices,) = ctx.saved_tensors
         n_samples = sampled_indices.shape[1]
         # Count how often each class was drawn, exactly (float32 holds every integer below
@@ -174,14 +119,7 @@ def smoothed_kth_largest(
     if scores.numel() == 0:
         raise ValueError(f"scores of shape {tuple(scores.shape)} are empty")
     if noise is not None:
-        expected = (n_samples, *scores.shape)
-        if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != expected:
-            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise)
-            raise ValueError(f"noise must have shape {expected}, got {got}")
-        if scores.device.type == "cpu" and not torch.isfinite(noise).all():
-            raise ValueError("noise contains NaN or infinite values")
-        if sampler != "full":
-            raise ValueError("explicit noise is only supported with sampler='full'")
+        _check_noise(noise, scores, n_samples, sampler)
 
     rows_view = scores.movedim(dim, -1)
     leading_shape = rows_view.shape[:-1]
@@ -234,14 +172,21 @@ def smoothed_kth_largest_rows(
             )
             return value.to(scores.dtype)
         work = scores.detach().to(working_dtype(scores.dtype))
-        if sampler == "lazy" and epsilon > 0.0:
-            from topk.lazy_sampling import sample_kth_largest_lazy
+        values, indices = sample_kth_largest(
+            work, k, epsilon, n_samples, sampler=sampler, generator=generator, noise=noise
+        )
+        result: torch.Tensor = _MeanOneHotSelection.apply(scores, values, indices)
+        return result
 
-            values, indices = sample_kth_largest_lazy(
-                work, k, epsilon, n_samples, generator=generator
-            )
-        else:
-            values, indices = sample_kth_largest_full(
-                work, k, epsilon, n_samples, generator=generator, noise=noise
-            )
-        return _MeanOneHotSelection.apply(scores, values, indices)
+
+def _check_noise(noise: object, scores: torch.Tensor, n_samples: int, sampler: str) -> None:
+    """ValueError unless `noise` is [n_samples, *scores.shape] (finite, where the scores are on
+    a CPU) and the sampler is "full"."""
+    expected = (n_samples, *scores.shape)
+    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != expected:
+        got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise)
+        raise ValueError(f"noise must have shape {expected}, got {got}")
+    if scores.device.type == "cpu" and not torch.isfinite(noise).all():
+        raise ValueError("noise contains NaN or infinite values")
+    if sampler != "full":
+        raise ValueError("explicit noise is only supported with sampler='full'")

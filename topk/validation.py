@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -212,8 +214,18 @@ def checked_labels(
 
 
 class CheckedLoss(nn.Module):
-    """A loss whose input checks follow `check_inputs` (topk.validation.InputChecks): "first"
-    (default), "always" or "never". Set it on the object: `loss.check_inputs = "always"`."""
+    """A loss whose forward checks its inputs before its math, as `check_inputs` says
+    (InputChecks): "first" (default), "always" or "never". Set it on the object:
+    `loss.check_inputs = "always"`.
+
+    Subclasses implement `batch_loss`, and `shape_requirements` where the shapes depend on
+    their arguments. A subclass sets `scan_scores = False` when a non-finite score already makes
+    its loss non-finite, and overrides `flags_bad_values` when a fused kernel makes the device
+    checks itself. `repr_fields` names the attributes that `extra_repr` shows.
+    """
+
+    scan_scores: ClassVar[bool] = True
+    repr_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -226,3 +238,53 @@ class CheckedLoss(nn.Module):
     @check_inputs.setter
     def check_inputs(self, mode: str) -> None:
         self._checks = InputChecks(mode)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in self.repr_fields)
+
+    def forward(
+        self,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The mean loss over the batch: a scalar in the scores' dtype.
+
+        scores: [batch, num_classes], any floating dtype; labels: [batch], any integer dtype.
+        generator: where the stochastic losses draw their noise (a torch.Generator on the
+        scores' device; None: the device's default generator); the others ignore it.
+        Raises ValueError for bad shapes or k + 1 > num_classes, and for labels out of range
+        or non-finite scores where the values are checked on the host; checked on the device,
+        such a batch makes the loss NaN.
+        """
+        k, num_classes = self.shape_requirements()
+        labels, bad = checked_labels(
+            self._checks,
+            scores,
+            labels,
+            k=k,
+            num_classes=num_classes,
+            scan_scores=self.scan_scores,
+            device_checks=not self.flags_bad_values(scores),
+        )
+        return poison(self.batch_loss(scores, labels, generator), bad).to(scores.dtype)
+
+    def shape_requirements(self) -> tuple[int | None, int | None]:
+        """(k, num_classes): forward requires k + 1 <= the scores' classes where k is set, and
+        exactly num_classes classes (those the loss was built for) where that is set."""
+        return None, None
+
+    def flags_bad_values(self, scores: torch.Tensor) -> bool:
+        """Whether batch_loss flags labels out of range and non-finite scores of these scores
+        on the device itself (a fused kernel); forward then makes no device checks."""
+        return False
+
+    def batch_loss(
+        self, scores: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The mean loss over the batch, in any dtype (forward casts it to the scores').
+
+        scores as forward's; labels int64, checked or clamped into range (unless
+        flags_bad_values said that the loss checks them itself).
+        """
+        raise NotImplementedError

@@ -5,14 +5,8 @@ import math
 import pytest
 import torch
 
-from topk.losses.baselines import (
-    CrossEntropyLoss,
-    FocalLoss,
-    LDAMLoss,
-    LogitAdjustedLoss,
-    ldam_margins,
-    log_class_prior,
-)
+from topk.losses.baselines import CrossEntropyLoss, FocalLoss, LDAMLoss, LogitAdjustedLoss
+from topk.losses.imbalance import ldam_margins, log_class_prior
 
 
 def _softmax_row(row: list[float]) -> list[float]:

@@ -94,9 +94,10 @@ def test_kernel_matches_the_reference_with_the_same_noise_on_the_gpu():
     gen = torch.Generator(device="cuda").manual_seed(3)
     scores = torch.randn(128, 5000, device="cuda", generator=gen)
     noise = torch.randn(7, 128, 5000, device="cuda", generator=gen)
-    from topk.smoothing import sample_kth_largest_full
+    from topk.full_sampling import sample_kth_largest_full
+    from topk.selection_launch import select_noised
 
-    values, indices, _, bad = fused_selection.select_noised(scores, 6, 1.0, 7, noise=noise)
+    values, indices, _, bad = select_noised(scores, 6, 1.0, 7, noise=noise)
     ref_values, ref_indices = sample_kth_largest_full(scores, 6, 1.0, 7, noise=noise)
     torch.testing.assert_close(values, ref_values, rtol=0, atol=0)
     assert torch.equal(indices, ref_indices) and not bad.any().item()

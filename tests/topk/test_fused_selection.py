@@ -18,15 +18,10 @@ from scipy import stats
 from scipy.special import ndtr
 from test_smoothing import exact_expected_kth_largest
 
-from topk.fused_selection import (
-    draw_seed,
-    hinge_gradient,
-    noised_hinge_rows,
-    noised_kth_largest,
-    select_noised,
-    selection_gradient,
-)
-from topk.smoothing import _MeanOneHotSelection, sample_kth_largest_full
+from topk.full_sampling import sample_kth_largest_full
+from topk.fused_selection import noised_hinge_rows, noised_kth_largest
+from topk.selection_launch import draw_seed, hinge_gradient, select_noised, selection_gradient
+from topk.smoothing import _MeanOneHotSelection
 
 CUDA = torch.cuda.is_available()
 

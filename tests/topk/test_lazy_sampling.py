@@ -16,14 +16,10 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare, ks_2samp
 
-from topk.lazy_sampling import (
-    _BLOCK,
-    _choose_without_replacement,
-    _find_candidates,
-    _non_candidate_columns,
-    sample_kth_largest_lazy,
-)
-from topk.smoothing import sample_kth_largest_full, smoothed_kth_largest
+from topk.full_sampling import sample_kth_largest_full
+from topk.lazy_candidates import BLOCK, find_candidates, non_candidate_columns
+from topk.lazy_sampling import _choose_without_replacement, sample_kth_largest_lazy
+from topk.smoothing import smoothed_kth_largest
 
 P_MIN = 1e-3
 
@@ -136,14 +132,14 @@ def test_the_statistical_check_rejects_a_biased_sampler():
     assert ks < 1e-6 and chi < 1e-6
 
 
-@pytest.mark.parametrize("classes", [7, _BLOCK * 4, _BLOCK * 9 + 5])
+@pytest.mark.parametrize("classes", [7, BLOCK * 4, BLOCK * 9 + 5])
 def test_find_candidates_returns_every_class_above_a_low_enough_threshold(classes):
     gen = torch.Generator().manual_seed(9)
     scores = torch.randn(40, classes, generator=gen)
     scores[:5] = torch.round(scores[:5])  # ties
     scores[5, :4] = 10.0  # the top k share a block
     k, delta = 4, 0.7
-    tau, searched, row_of, column, candidate_score = _find_candidates(scores, k, delta, classes)
+    tau, searched, row_of, column, candidate_score = find_candidates(scores, k, delta, classes)
     kth = torch.topk(scores, k, dim=1).values[:, k - 1]
     assert (tau <= kth - delta).all() and searched.all()
     expected = [
@@ -154,8 +150,8 @@ def test_find_candidates_returns_every_class_above_a_low_enough_threshold(classe
     assert (torch.bincount(row_of, minlength=40) >= k).all()
 
     # With a small block budget the rows with many hit blocks are left out, and only those.
-    _, searched, row_of, _, _ = _find_candidates(scores, k, delta, 1)
-    if classes >= k * _BLOCK:  # (fewer classes: every class is read, up to one block's worth)
+    _, searched, row_of, _, _ = find_candidates(scores, k, delta, 1)
+    if classes >= k * BLOCK:  # (fewer classes: every class is read, up to one block's worth)
         assert not searched.all()
     assert set(row_of.tolist()) <= set(searched.nonzero().squeeze(1).tolist())
 
@@ -194,7 +190,7 @@ def test_non_candidate_positions_map_to_the_other_classes_in_order():
     for row, candidates in enumerate(candidate_lists):
         others = [c for c in range(classes) if c not in candidates]
         positions = torch.arange(len(others)).unsqueeze(0)
-        mapped = _non_candidate_columns(positions, columns[row : row + 1], classes)
+        mapped = non_candidate_columns(positions, columns[row : row + 1], classes)
         assert mapped.squeeze(0).tolist() == others
 
 

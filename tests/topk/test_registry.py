@@ -60,6 +60,28 @@ def test_class_attributes_and_keyword_only_arguments(name):
         assert param.default is not inspect.Parameter.empty
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "shown"),
+    [
+        ("cross_entropy", {}, ""),
+        ("focal", {"gamma": 1.5}, "gamma=1.5"),
+        ("ldam", {}, "max_m=0.2, scale=40.0, num_classes=10"),
+        ("logit_adjusted", {"tau": 0.5}, "tau=0.5, num_classes=10"),
+        ("noised_topk", {"k": 3}, "k=3, epsilon=1.0, n_samples=5, sampler='full'"),
+        (
+            "noised_topk_imbalanced",
+            {"sampler": "lazy"},
+            "k=5, epsilon=0.01, n_samples=5, max_m=0.2, scale=60.0, num_classes=10, sampler='lazy'",
+        ),
+        ("smooth_topk_svm", {}, "k=5, tau=0.1, alpha=1.0"),
+        ("topk_hinge", {"k": 2}, "k=2"),
+    ],
+)
+def test_repr_shows_the_constructor_arguments(name, params, shown):
+    loss = make_loss(name, **params)
+    assert repr(loss) == f"{type(loss).__name__}({shown})"
+
+
 def test_unknown_name_lists_the_choices():
     with pytest.raises(ValueError, match="'hinge_plus'.*cross_entropy.*topk_hinge"):
         topk.create_loss("hinge_plus")

@@ -12,21 +12,16 @@ For scores s: [batch, classes] and labels y: [batch], with top_j the j-th larges
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from topk.fused_selection import noised_hinge_rows, uses_triton
-from topk.smoothing import (
-    check_generator,
-    check_sampler,
-    smoothed_kth_largest_rows,
-    working_dtype,
-)
+from topk.losses.imbalance import ldam_margins
+from topk.sampling import check_generator, check_sampler, working_dtype
+from topk.smoothing import smoothed_kth_largest_rows
 from topk.validation import (
     CheckedLoss,
     check_class_counts,
     check_positive_float,
     check_positive_int,
-    checked_labels,
     poison,
 )
 
@@ -34,69 +29,6 @@ from topk.validation import (
 def _label_scores(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """s_y: [batch] from scores [batch, classes] and int64 labels [batch] in range."""
     return scores.gather(1, labels.unsqueeze(1)).squeeze(1)
-
-
-def _noised_hinge_mean(
-    loss: nn.Module,
-    scores: torch.Tensor,
-    labels: torch.Tensor,
-    margins: torch.Tensor | None,
-    scale: float,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """mean over the batch of scale * (m_y + top_{k+1,eps}(s) - s_y)_+ in the working dtype,
-    m_y = 1 or the per-class margins; checked as loss.check_inputs says, NaN for bad values
-    checked on the device."""
-    fused = loss.sampler == "full" and uses_triton(scores)
-    labels, bad = checked_labels(
-        loss._checks,
-        scores,
-        labels,
-        k=loss.k,
-        num_classes=None if margins is None else margins.numel(),
-        device_checks=not fused,
-    )
-    check_generator(generator, scores.device)
-    if fused:
-        # One kernel reads the scores in their own dtype, noises, selects and finishes each
-        # row's hinge (label score, margin, scale); it flags non-finite rows and labels out of
-        # range itself, so the device checks cost nothing more here.
-        hinge, bad = noised_hinge_rows(
-            scores,
-            labels.contiguous(),
-            1.0 if margins is None else margins,
-            loss.k + 1,
-            loss.epsilon,
-            loss.n_samples,
-            scale=scale,
-            generator=generator,
-        )
-        return poison(hinge.mean(), bad)
-    work = scores.to(working_dtype(scores.dtype))
-    kth = smoothed_kth_largest_rows(
-        work,
-        loss.k + 1,
-        epsilon=loss.epsilon,
-        n_samples=loss.n_samples,
-        generator=generator,
-        sampler=loss.sampler,
-    )
-    margin = 1.0 if margins is None else margins.to(device=work.device, dtype=work.dtype)[labels]
-    hinge = (margin + kth - _label_scores(work, labels)).clamp_min(0.0)
-    return poison(scale * hinge.mean(), bad)
-
-
-def ldam_margins(class_counts: torch.Tensor, max_m: float) -> torch.Tensor:
-    """LDAM margins max_m * (n_min / n_y)^(1/4), n_min over the positive counts: [classes] float64.
-
-    A class with no training sample gets the largest margin, max_m (not the NaN or inf of a
-    division by zero).
-    """
-    positive = class_counts > 0
-    n_min = class_counts[positive].min()
-    margins = torch.full_like(class_counts, max_m)
-    margins[positive] = max_m * (n_min / class_counts[positive]) ** 0.25
-    return margins
 
 
 class TopKHingeLoss(CheckedLoss):
@@ -110,28 +42,91 @@ class TopKHingeLoss(CheckedLoss):
 
     needs_cosine_head = False
     needs_class_counts = False
+    repr_fields = ("k",)
 
     def __init__(self, *, k: int = 5) -> None:
         super().__init__()
         self.k = check_positive_int("k", k)
 
-    def extra_repr(self) -> str:
-        return f"k={self.k}"
+    def shape_requirements(self) -> tuple[int | None, int | None]:
+        return self.k, None
 
-    def forward(
-        self,
-        scores: torch.Tensor,
-        labels: torch.Tensor,
-        generator: torch.Generator | None = None,
+    def batch_loss(
+        self, scores: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
-        labels, bad = checked_labels(self._checks, scores, labels, k=self.k)
         work = scores.to(working_dtype(scores.dtype))
         kth = torch.topk(work, self.k + 1, dim=1).values[:, self.k]
         hinge = (1.0 + kth - _label_scores(work, labels)).clamp_min(0.0)
-        return poison(hinge.mean(), bad).to(scores.dtype)
+        return hinge.mean()
 
 
-class NoisedTopKLoss(CheckedLoss):
+class _SmoothedHingeLoss(CheckedLoss):
+    """What the balanced and the imbalanced smoothed hinge share: mean over the batch of
+    scale * (m_y + top_{k+1,eps}(s) - s_y)_+ in the working dtype, m_y = 1 or per-class margins.
+
+    k, epsilon, n_samples and sampler as in NoisedTopKLoss.
+    """
+
+    k: int
+    epsilon: float
+    n_samples: int
+    sampler: str
+
+    def _set_smoothing(self, k: int, epsilon: float, n_samples: int) -> None:
+        """Check and set k, epsilon and n_samples (a ValueError names a bad one)."""
+        self.k = check_positive_int("k", k)
+        self.epsilon = check_positive_float("epsilon", epsilon)
+        self.n_samples = check_positive_int("n_samples", n_samples)
+
+    def shape_requirements(self) -> tuple[int | None, int | None]:
+        return self.k, None
+
+    def flags_bad_values(self, scores: torch.Tensor) -> bool:
+        # The fused kernel flags non-finite rows and labels out of range itself, so the device
+        # checks cost nothing more there.
+        return self.sampler == "full" and uses_triton(scores)
+
+    def hinge_mean(
+        self,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        margins: torch.Tensor | None,
+        scale: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """The batch loss with per-class `margins` [num_classes] (None: m_y = 1)."""
+        check_generator(generator, scores.device)
+        if self.flags_bad_values(scores):
+            # One kernel reads the scores in their own dtype, noises, selects and finishes each
+            # row's hinge (label score, margin, scale).
+            hinge, bad = noised_hinge_rows(
+                scores,
+                labels.contiguous(),
+                1.0 if margins is None else margins,
+                self.k + 1,
+                self.epsilon,
+                self.n_samples,
+                scale=scale,
+                generator=generator,
+            )
+            return poison(hinge.mean(), bad)
+        work = scores.to(working_dtype(scores.dtype))
+        kth = smoothed_kth_largest_rows(
+            work,
+            self.k + 1,
+            epsilon=self.epsilon,
+            n_samples=self.n_samples,
+            generator=generator,
+            sampler=self.sampler,
+        )
+        margin = (
+            1.0 if margins is None else margins.to(device=work.device, dtype=work.dtype)[labels]
+        )
+        hinge = (margin + kth - _label_scores(work, labels)).clamp_min(0.0)
+        return scale * hinge.mean()
+
+
+class NoisedTopKLoss(_SmoothedHingeLoss):
     """The balanced smoothed top-K hinge: mean over the batch of (1 + top_{k+1,eps}(s) - s_y)_+.
 
     top_{k+1,eps} is the Monte-Carlo smoothed (k+1)-th largest score over `n_samples` Gaussian
@@ -145,6 +140,7 @@ class NoisedTopKLoss(CheckedLoss):
 
     needs_cosine_head = False
     needs_class_counts = False
+    repr_fields = ("k", "epsilon", "n_samples", "sampler")
 
     def __init__(
         self,
@@ -155,27 +151,16 @@ class NoisedTopKLoss(CheckedLoss):
         sampler: str = "full",
     ) -> None:
         super().__init__()
-        self.k = check_positive_int("k", k)
-        self.epsilon = check_positive_float("epsilon", epsilon)
-        self.n_samples = check_positive_int("n_samples", n_samples)
+        self._set_smoothing(k, epsilon, n_samples)
         self.sampler = check_sampler(sampler)
 
-    def extra_repr(self) -> str:
-        return (
-            f"k={self.k}, epsilon={self.epsilon}, n_samples={self.n_samples}, "
-            f"sampler={self.sampler!r}"
-        )
-
-    def forward(
-        self,
-        scores: torch.Tensor,
-        labels: torch.Tensor,
-        generator: torch.Generator | None = None,
+    def batch_loss(
+        self, scores: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
-        return _noised_hinge_mean(self, scores, labels, None, 1.0, generator).to(scores.dtype)
+        return self.hinge_mean(scores, labels, None, 1.0, generator)
 
 
-class NoisedTopKImbalancedLoss(CheckedLoss):
+class NoisedTopKImbalancedLoss(_SmoothedHingeLoss):
     """The imbalanced smoothed top-K hinge on cosine scores:
     mean over the batch of scale * (m_y + top_{k+1,eps}(s) - s_y)_+.
 
@@ -188,8 +173,10 @@ class NoisedTopKImbalancedLoss(CheckedLoss):
 
     needs_cosine_head = True
     needs_class_counts = True
+    repr_fields = ("k", "epsilon", "n_samples", "max_m", "scale", "num_classes", "sampler")
 
     margins: torch.Tensor
+    margins32: torch.Tensor
 
     def __init__(
         self,
@@ -203,9 +190,7 @@ class NoisedTopKImbalancedLoss(CheckedLoss):
         sampler: str = "full",
     ) -> None:
         super().__init__()
-        self.k = check_positive_int("k", k)
-        self.epsilon = check_positive_float("epsilon", epsilon)
-        self.n_samples = check_positive_int("n_samples", n_samples)
+        self._set_smoothing(k, epsilon, n_samples)
         self.max_m = check_positive_float("max_m", max_m, allow_zero=True)
         self.scale = check_positive_float("scale", scale)
         self.sampler = check_sampler(sampler)
@@ -221,20 +206,11 @@ class NoisedTopKImbalancedLoss(CheckedLoss):
         # The same in float32, for float32 and half-precision scores: no cast per call.
         self.register_buffer("margins32", self.margins.float(), persistent=False)
 
-    def extra_repr(self) -> str:
-        return (
-            f"k={self.k}, epsilon={self.epsilon}, n_samples={self.n_samples}, "
-            f"max_m={self.max_m}, scale={self.scale}, num_classes={self.num_classes}, "
-            f"sampler={self.sampler!r}"
-        )
+    def shape_requirements(self) -> tuple[int | None, int | None]:
+        return self.k, self.num_classes
 
-    def forward(
-        self,
-        scores: torch.Tensor,
-        labels: torch.Tensor,
-        generator: torch.Generator | None = None,
+    def batch_loss(
+        self, scores: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
         margins = self.margins if scores.dtype == torch.float64 else self.margins32
-        return _noised_hinge_mean(self, scores, labels, margins, self.scale, generator).to(
-            scores.dtype
-        )
+        return self.hinge_mean(scores, labels, margins, self.scale, generator)

@@ -25,13 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from topk.fused_polynomial import MAX_DEGREE, log_polynomial_product
 from topk.fused_selection import uses_triton
-from topk.validation import (
-    CheckedLoss,
-    check_positive_float,
-    check_positive_int,
-    checked_labels,
-    poison,
-)
+from topk.validation import CheckedLoss, check_positive_float, check_positive_int
 
 # log(0) kept finite: a logsumexp over entries that are all -inf has a NaN gradient, one over
 # entries of -1e30 has a zero one. Sums of up to a few hundred of these stay far from float32's
@@ -161,7 +155,7 @@ def smooth_topk_svm(
     else:
         recompute = torch.is_grad_enabled() and x_others.requires_grad
         parts = []
-        for chunk in x_others.split(rows_per_chunk):
+        for chunk in torch.split(x_others, rows_per_chunk):
             if recompute:
                 parts.append(checkpoint(_log_esp_ratio, chunk, k, use_reentrant=False))
             else:
@@ -197,6 +191,7 @@ class SmoothTopKSVMLoss(CheckedLoss):
 
     needs_cosine_head = False
     needs_class_counts = False
+    repr_fields = ("k", "tau", "alpha")
 
     def __init__(self, *, k: int = 5, tau: float = 0.1, alpha: float = 1.0) -> None:
         super().__init__()
@@ -204,18 +199,14 @@ class SmoothTopKSVMLoss(CheckedLoss):
         self.tau = check_positive_float("tau", tau)
         self.alpha = check_positive_float("alpha", alpha)
 
-    def extra_repr(self) -> str:
-        return f"k={self.k}, tau={self.tau}, alpha={self.alpha}"
+    def shape_requirements(self) -> tuple[int | None, int | None]:
+        return self.k, None
 
-    def forward(
-        self,
-        scores: torch.Tensor,
-        labels: torch.Tensor,
-        generator: torch.Generator | None = None,
+    def batch_loss(
+        self, scores: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
-        labels, bad = checked_labels(self._checks, scores, labels, k=self.k)
         compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
         per_row = smooth_topk_svm(
             scores.to(compute_dtype), labels, k=self.k, tau=self.tau, alpha=self.alpha
         )
-        return poison(per_row.mean(), bad).to(scores.dtype)
+        return per_row.mean()
