@@ -3,16 +3,21 @@
 The limit is the same model, batch, loss, optimiser and autocast stepping on one synthetic batch
 that is already on the device: the most the loop could reach if the data cost nothing. The loop
 is `jobs.training.loop.train_one_epoch` fed by the project's data pipeline
-(`jobs.data.pipeline.build_train_loader`, the loader of `topk train`), in steady state (a warm-up
-epoch first, so the workers and cuDNN's algorithm choice are not counted).
+(`jobs.data.pipeline.build_train_loader`, one loader for the run as `topk train` builds it:
+persistent workers, pinned batches), in steady state (a warm-up epoch first, so the workers'
+start and cuDNN's algorithm choice are not counted).
 
   (a) ResNet-18 at 32 px, Fashion-MNIST shards (Debian's dataset-fashion-mnist), batch 512;
-  (b) ResNet-50 at 224 px, JPEG shards of Fashion-MNIST upscaled to 224 px, batch 128, the
-      images decoded by the loader's CPU workers.
+  (b) ResNet-50 at 224 px, JPEG shards of Fashion-MNIST upscaled to 224 px (RGB), batch 128,
+      training augmentation (random resized crop, flip), the images decoded
+        - by the loader's CPU workers (data.decode: cpu), and
+        - on the GPU in batches with torchvision.io.decode_jpeg (data.decode: device).
 
-Each line prints loop samples/s, limit samples/s and their ratio (target: at least 0.8).
+Each line prints loop samples/s, limit samples/s and their ratio (target: at least 0.8 in (a)
+and in (b) with GPU decoding); (b) also prints the GPU-decoding loop over the CPU-decoding one.
+On a machine without a GPU (or with --device cpu) it runs a tiny smoke of the same code (a few
+steps, small batches) to check the script, not to measure. At most ~5 minutes on one GPU.
 Run: python benchmarks/bench_gpu_loop.py [--quick] [--device cuda|cpu] [--workers N]
-(--device cpu runs the same code on the CPU in seconds, to check the script, not to measure.)
 Needs torch, torchvision, numpy, Pillow and the project; not Ray.
 """
 
@@ -52,40 +57,40 @@ class CrossEntropy(torch.nn.Module):
 
 
 def fashion_source(limit: int | None, upscale: int | None) -> ImageSource:
-    """Fashion-MNIST's training images (the first `limit`), upscaled to `upscale` px if set."""
+    """Fashion-MNIST's training images (the first `limit`); upscaled to `upscale` px and made
+    RGB (grey in three channels) if `upscale` is set."""
     source = open_source(FASHION_MNIST_DIR)
     keep = np.arange(len(source.labels) if limit is None else min(limit, len(source.labels)))
+    names = [source.names[i] for i in keep]
     if upscale is None:
-        return ImageSource(
-            "fashion", source.class_names, source.labels[keep], [source.names[i] for i in keep],
-            lambda i: source.load(int(keep[i])),
-        )  # fmt: skip
+
+        def load(i: int):
+            return source.load(int(keep[i]))
+
+        return ImageSource("fashion", source.class_names, source.labels[keep], names, load)
     from PIL import Image
 
-    def load(i: int):
-        image = source.load(int(keep[i]))
-        if isinstance(image, tuple):  # (encoded bytes, extension)
-            import io
-
-            image = np.asarray(Image.open(io.BytesIO(image[0])).convert("L"))
-        resized = Image.fromarray(np.asarray(image)).resize((upscale, upscale), Image.BILINEAR)
+    def load_upscaled(i: int) -> np.ndarray:
+        image = Image.fromarray(np.asarray(source.load(int(keep[i]))))
+        resized = image.resize((upscale, upscale), Image.Resampling.BILINEAR).convert("RGB")
         return np.asarray(resized)
 
-    return ImageSource(
-        "fashion-224", source.class_names, source.labels[keep], [source.names[i] for i in keep],
-        load,
-    )  # fmt: skip
+    labels = source.labels[keep]
+    return ImageSource(f"fashion-{upscale}", source.class_names, labels, names, load_upscaled)
 
 
 def loop_rate(model, data: DataSpec, batch: int, device: torch.device, epochs: int = 2) -> float:
-    """Samples/s of the last of `epochs` epochs of the real loop (the first warms up)."""
+    """Samples/s of the last of `epochs` epochs of the real loop (the first warms up), with one
+    loader for the run, as the training worker builds it."""
     optimizer = build_optimizer(model, name="sgd", lr=0.01, weight_decay=5e-4)
     channels_last = use_channels_last(device, model)
+    loader = build_train_loader(
+        data, batch_size=batch, rank=0, world_size=1, epoch=1, seed=0,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
     rate = 0.0
     for epoch in range(1, epochs + 1):
-        loader = build_train_loader(
-            data, batch_size=batch, rank=0, world_size=1, epoch=epoch, seed=0
-        )
+        loader.set_epoch(epoch)
         stats = train_one_epoch(
             model, loader, CrossEntropy(), optimizer, device=device, amp=True,
             channels_last=channels_last,
@@ -124,34 +129,56 @@ def limit_rate(model, shape, classes: int, batch: int, device: torch.device, ste
     return steps * batch / (time.perf_counter() - start)
 
 
-def measure(name, arch, source, size, batch, args, device, folder, image_format) -> None:
-    out = os.path.join(folder, name)
+def write_shards(source: ImageSource, folder: str, image_format: str) -> str:
     build_shards(
-        source, out, val_fraction=0.0, image_format=image_format, progress=None,
-        shard_max_samples=2000,
+        source, folder, val_fraction=0.0, image_format=image_format, progress=None,
+        shard_max_samples=1000,
     )  # fmt: skip
-    data = DataSpec.model_validate(
-        {
-            "train": f"{out}/dataset.json",
-            "num_classes": 10,
-            "image_size": size,
-            "channels": 1,
-            "loader_workers": args.workers,
-            "augment": {"random_resized_crop": False, "hflip": False},
-        }
-    )
+    return f"{folder}/dataset.json"
+
+
+def model_for(arch: str, channels: int, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(arch, 10, in_channels=1).to(device)
+    model = build_model(arch, 10, in_channels=channels).to(device)
     if use_channels_last(device, model):
         model = model.to(memory_format=torch.channels_last)
-    loop = loop_rate(model, data, batch, device)
-    steps = max(10, len(source.labels) // batch)
-    limit = limit_rate(model, (1, size, size), 10, batch, device, steps)
+    return model
+
+
+def report(name: str, loop: float, limit: float, extra: str = "") -> None:
     print(
-        f"{name:<34} loop {loop:9.0f} samples/s   limit {limit:9.0f} samples/s   "
-        f"ratio {loop / limit:5.2f}",
+        f"{name:<40} loop {loop:9.1f} samples/s   limit {limit:9.1f} samples/s   "
+        f"ratio {loop / limit:5.2f}{extra}",
         flush=True,
     )
+
+
+def measure(name, arch, dataset, *, size, channels, batch, images, args, device, augment,
+            decodes=("cpu",)) -> None:  # fmt: skip
+    """One line per decode choice: the loop on `dataset` against the limit of its model."""
+    rates = {}
+    for decode in decodes:
+        data = DataSpec.model_validate(
+            {
+                "train": dataset,
+                "num_classes": 10,
+                "image_size": size,
+                "channels": channels,
+                "loader_workers": args.workers,
+                "augment": augment,
+                "decode": decode,
+            }
+        )
+        rates[decode] = loop_rate(model_for(arch, channels, device), data, batch, device)
+    steps = max(3 if device.type == "cpu" else 10, images // batch)
+    model = model_for(arch, channels, device)
+    limit = limit_rate(model, (channels, size, size), 10, batch, device, steps)
+    for decode, rate in rates.items():
+        label = f"{name}, {decode} decode" if len(decodes) > 1 else name
+        extra = ""
+        if decode == "device" and "cpu" in rates:
+            extra = f"   {rate / rates['cpu']:5.2f}x the cpu-decode loop"
+        report(label, rate, limit, extra)
 
 
 def main() -> int:
@@ -165,15 +192,24 @@ def main() -> int:
         print(f"needs {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist", file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = True
-    small, large = (2048, 256) if args.quick else (32_768, 4096)
-    batch_a, batch_b = (64, 16) if device.type == "cpu" else (512, 128)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})"
-          f", torch {torch.__version__}, {args.workers} loader workers", flush=True)  # fmt: skip
+    if device.type == "cpu":  # a smoke of the same code: a few steps of small batches
+        (small, batch_a), (large, batch_b) = (128, 32), (16, 4)
+    elif args.quick:
+        (small, batch_a), (large, batch_b) = (4096, 512), (1024, 128)
+    else:
+        (small, batch_a), (large, batch_b) = (32_768, 512), (8192, 128)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu: a smoke run"
+    print(f"device {device} ({name}), torch {torch.__version__}, {args.workers} loader workers",
+          flush=True)  # fmt: skip
+    fixed = {"random_resized_crop": False, "hflip": False}
     with tempfile.TemporaryDirectory(prefix="bench-gpu-loop-") as folder:
-        measure("(a) resnet18 32px fashion-mnist", "resnet18", fashion_source(small, None), 32,
-                batch_a, args, device, folder, "keep")  # fmt: skip
-        measure("(b) resnet50 224px jpeg, cpu decode", "resnet50", fashion_source(large, 224), 224,
-                batch_b, args, device, folder, "jpeg")  # fmt: skip
+        fashion = write_shards(fashion_source(small, None), f"{folder}/a", "keep")
+        measure("(a) resnet18 32px fashion-mnist", "resnet18", fashion, size=32, channels=1,
+                batch=batch_a, images=small, args=args, device=device, augment=fixed)  # fmt: skip
+        jpeg = write_shards(fashion_source(large, 224), f"{folder}/b", "jpeg")
+        measure("(b) resnet50 224px jpeg", "resnet50", jpeg, size=224, channels=3,
+                batch=batch_b, images=large, args=args, device=device, augment={},
+                decodes=("cpu", "device"))  # fmt: skip
     return 0
 
 

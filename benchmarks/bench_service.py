@@ -30,8 +30,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.db import Store  # noqa: E402
 from service.local_ray import free_port  # noqa: E402
+from service.store import Store  # noqa: E402
 
 SPEC = {
     "data": {"train": None, "val": None, "num_classes": 100, "image_size": 32},  # set in main
@@ -149,7 +149,7 @@ def main() -> int:
         env = {**os.environ, "TOPK_DATA_DIR": data_dir, "TOPK_DATABASE_URL": database_url,
                "TOPK_LAUNCH_MODE": "hold"}  # fmt: skip
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+            [sys.executable, "-m", "uvicorn", "--factory", "service.api:create_app",
              "--port", str(port), "--log-level", "warning"],
             cwd=REPO, env=env,
         )  # fmt: skip

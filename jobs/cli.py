@@ -73,8 +73,9 @@ def _url_limits() -> dict[str, Any]:
 
 def load_spec(url: str, kind: str) -> Any:
     """A validated TrainSpec ("train") or SweepSpec ("sweep") from a file or URL, its local
-    data checked to exist, class counts filled from dataset.json. Raises UsageError (the file)
-    or InvalidSpecError (the spec) with one line per problem."""
+    data checked to exist, class counts filled from dataset.json: this process's one
+    resolution of the spec, which run_training and run_sweep take as it is. Raises UsageError
+    (the file) or InvalidSpecError (the spec) with one line per problem."""
     from pydantic import ValidationError
 
     from jobs.contract.spec_files import (

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from jobs.contract.run_files import (
     check_run_name,
@@ -25,6 +25,7 @@ from jobs.contract.run_files import (
     read_json,
     write_json,
 )
+from jobs.contract.selection import best_by_metric
 from jobs.contract.spec_files import resolve_class_counts
 from jobs.contract.sweep import SweepSpec, apply_params, describe_best
 from jobs.contract.train import TrainSpec
@@ -46,7 +47,9 @@ def _trial_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def run_trial(config: dict[str, Any], *, base_spec: dict[str, Any], sweep_dir: str) -> None:
-    """One Tune trial: build its TrainSpec and train it on Ray Train, reporting to Tune."""
+    """One Tune trial: build its TrainSpec and train it on Ray Train, reporting to Tune. The
+    trial's spec is new in this process (a trial that switches `loss.name` may need class
+    counts the base spec did not), so it is resolved here, once."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -93,14 +96,7 @@ def live_trial_table(sweep: SweepSpec, sweep_dir: str) -> Any:
             }
 
         def write(self, trials: list[Any]) -> None:
-            table = {
-                "metric": sweep.metric,
-                "mode": sweep.mode,
-                "complete": False,
-                "trials": [self.row(trial) for trial in trials],
-                "best_params": None,
-                "best_config": None,
-            }
+            table = _trial_table(sweep, [self.row(trial) for trial in trials], complete=False)
             try:
                 write_json(join(sweep_dir, "sweep.json"), table)
             except Exception as exc:  # a storage blip must not stop the sweep
@@ -143,29 +139,43 @@ def run_sweep(
     storage: str | None = None,
     address: str | None = None,
 ) -> dict[str, Any]:
-    """Run the sweep as `run_name` under the storage root and return sweep.json's content:
-    {"metric", "mode", "trials": [{"trial_id", "params", "status", "metrics"}], "best_params",
-    "best_config"}. Trial status: "completed", "stopped" (by ASHA) or "error". Raises
-    RuntimeError when no trial produced the metric, ValueError for a bad name or storage.
+    """Run the resolved sweep (class counts filled, as `jobs.cli.load_spec` leaves it) as
+    `run_name` under the storage root and return sweep.json's content: {"metric", "mode",
+    "trials": [{"trial_id", "params", "status", "metrics"}], "best_params", "best_config"}.
+    Trial status: "completed", "stopped" (by ASHA) or "error". Raises RuntimeError when no
+    trial produced the metric, ValueError for a bad name or storage.
     """
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     check_run_name(run_name)
-    root = normalize_root(storage or sweep.train.storage)
-    sweep_dir = join(root, run_name)
-    sweep = resolve_class_counts(sweep)
+    sweep_dir = join(normalize_root(storage or sweep.train.storage), run_name)
     if read_json(join(sweep_dir, "spec.json")) is None:
         write_json(join(sweep_dir, "spec.json"), sweep.model_dump(mode="json"))
-
-    train = sweep.train
-    scaling = train.scaling
+    scaling = sweep.train.scaling
     ensure_ray(
         address,
         num_cpus=scaling.num_workers * scaling.cpus_per_worker,
         num_gpus=scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0,
     )
-    concurrency = sweep.max_concurrent_trials or default_concurrency(train)
+    results = build_tuner(sweep, sweep_dir).fit()
+    trials = [_trial_row(result, sweep.train.epochs) for result in results]
+    best = best_by_metric(trials, sweep.metric, sweep.mode, metrics_of=lambda t: t["metrics"])
+    if best is None:
+        _fail_without_metric(sweep, sweep_dir, trials, results)
+    summary = _trial_table(sweep, trials, complete=True)
+    summary["best_trial_id"] = best["trial_id"]
+    summary["best_params"] = best["params"]
+    summary["best_config"] = apply_params(sweep.train, best["params"]).model_dump(mode="json")
+    write_json(join(sweep_dir, "sweep.json"), summary)
+    return summary
+
+
+def build_tuner(sweep: SweepSpec, sweep_dir: str) -> Any:
+    """The Tune Tuner of the sweep whose files live at `sweep_dir` (ROOT/RUN): one trial per
+    point of the search space, ASHA or FIFO, at most `max_concurrent_trials` at a time."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    train = sweep.train
+    scheduler: Any = FIFOScheduler()
     if sweep.scheduler.name == "asha":
         scheduler = ASHAScheduler(
             time_attr="training_iteration",  # one report per epoch
@@ -173,8 +183,6 @@ def run_sweep(
             grace_period=sweep.scheduler.grace_period,
             reduction_factor=sweep.scheduler.reduction_factor,
         )
-    else:
-        scheduler = FIFOScheduler()
     storage_path, storage_filesystem = ray_storage(sweep_dir)
     trainable = tune.with_parameters(
         run_trial, base_spec=train.model_dump(mode="json"), sweep_dir=sweep_dir
@@ -182,7 +190,7 @@ def run_sweep(
     # The trial function only drives a TorchTrainer whose workers hold the resources; Tune
     # refuses an empty request, so it asks for a sliver of a CPU.
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space={"params": {path: domain.to_tune() for path, domain in sweep.search.items()}},
         tune_config=tune.TuneConfig(
@@ -190,7 +198,7 @@ def run_sweep(
             mode=sweep.mode,
             num_samples=sweep.num_samples,
             scheduler=scheduler,
-            max_concurrent_trials=concurrency,
+            max_concurrent_trials=sweep.max_concurrent_trials or default_concurrency(train),
         ),
         run_config=tune.RunConfig(
             name="tune",
@@ -200,59 +208,48 @@ def run_sweep(
             callbacks=[live_trial_table(sweep, sweep_dir)],
         ),
     )
-    results = tuner.fit()
 
-    trials = []
-    for result in results:
-        metrics = _trial_metrics(result.metrics)
-        status = "error" if result.error is not None else _finished_status(metrics, train.epochs)
-        trials.append(
-            {
-                "trial_id": (result.metrics or {}).get("trial_id")
-                or result.path.rsplit("/", 1)[-1],
-                "params": dict(result.config["params"]),
-                "status": status,
-                "metrics": metrics,
-                "error": None if result.error is None else _one_line(result.error),
-            }
-        )
-    scored = [t for t in trials if isinstance(t["metrics"].get(sweep.metric), (int, float))]
-    if not scored:
-        summary = {
-            "metric": sweep.metric,
-            "mode": sweep.mode,
-            "complete": True,
-            "trials": trials,
-            "best_params": None,
-            "best_config": None,
-        }
-        write_json(join(sweep_dir, "sweep.json"), summary)
-        errors = "; ".join(t["error"] for t in trials if t["error"]) or "no metric reported"
-        message = f"no trial reported {sweep.metric}: {errors}"
-        if not any(
-            result.error is not None and not is_user_error(result.error) for result in results
-        ):
-            # Every trial failed for the spec's or the data's reason: a relaunch would fail the
-            # same way, so result.json records the failure (the service fails the job at once).
-            write_json(
-                join(sweep_dir, "result.json"),
-                {"status": "failed", "error": message, "time": time.time()},
-            )
-        raise RuntimeError(message)
-    pick = max if sweep.mode == "max" else min
-    best = pick(scored, key=lambda t: t["metrics"][sweep.metric])
-    best_config = apply_params(train, best["params"]).model_dump(mode="json")
-    summary = {
+
+def _trial_row(result: Any, epochs: int) -> dict[str, Any]:
+    """One finished trial's row of the trial table, from its Tune result."""
+    metrics = _trial_metrics(result.metrics)
+    return {
+        "trial_id": (result.metrics or {}).get("trial_id") or result.path.rsplit("/", 1)[-1],
+        "params": dict(result.config["params"]),
+        "status": "error" if result.error is not None else _finished_status(metrics, epochs),
+        "metrics": metrics,
+        "error": None if result.error is None else _one_line(result.error),
+    }
+
+
+def _trial_table(sweep: SweepSpec, trials: list[dict[str, Any]], *, complete: bool) -> dict:
+    """sweep.json's content without a best trial (yet)."""
+    return {
         "metric": sweep.metric,
         "mode": sweep.mode,
-        "complete": True,
+        "complete": complete,
         "trials": trials,
-        "best_trial_id": best["trial_id"],
-        "best_params": best["params"],
-        "best_config": best_config,
+        "best_params": None,
+        "best_config": None,
     }
-    write_json(join(sweep_dir, "sweep.json"), summary)
-    return summary
+
+
+def _fail_without_metric(
+    sweep: SweepSpec, sweep_dir: str, trials: list[dict[str, Any]], results: Any
+) -> NoReturn:
+    """Write the final trial table of a sweep where no trial reported the metric and raise
+    RuntimeError. When every trial failed for the spec's or the data's reason, a relaunch would
+    fail the same way: result.json then records the failure (the service fails the job at
+    once instead of relaunching it)."""
+    write_json(join(sweep_dir, "sweep.json"), _trial_table(sweep, trials, complete=True))
+    errors = "; ".join(t["error"] for t in trials if t["error"]) or "no metric reported"
+    message = f"no trial reported {sweep.metric}: {errors}"
+    if not any(result.error is not None and not is_user_error(result.error) for result in results):
+        write_json(
+            join(sweep_dir, "result.json"),
+            {"status": "failed", "error": message, "time": time.time()},
+        )
+    raise RuntimeError(message)
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -19,7 +19,10 @@ SUBCOMMAND_MODULES = (
     "jobs.contract.cli",  # topk validate
     "jobs.cli",  # topk train|sweep (local runs on Ray)
     "jobs.experiment.cli",  # topk experiment
-    "service.client_cli",  # topk serve|submit|status|logs|cancel|token|demo
+    "service.serve_cli",  # topk serve
+    "service.client_cli",  # topk submit|status|logs|cancel|sweeps
+    "service.token_cli",  # topk token create|list|revoke
+    "service.demo",  # topk demo
 )
 
 

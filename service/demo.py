@@ -10,6 +10,7 @@ Sized to finish in under 10 minutes on a 2-core machine.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import os
@@ -17,10 +18,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from jobs.contract import exit_codes
+from service.job_status import TERMINAL
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -47,9 +48,22 @@ LOSSES = (
 )
 
 
+def register(subparsers: argparse._SubParsersAction) -> None:
+    demo = subparsers.add_parser(
+        "demo",
+        help="long-tailed Fashion-MNIST: cross-entropy vs noised_topk_imbalanced, end to end",
+    )
+    demo.add_argument("--data-dir", default=".topk-demo", help="default: %(default)s")
+    demo.add_argument("--epochs", type=int, default=6)
+    demo.add_argument("--port", type=int, default=0, help="service port (default: a free one)")
+    demo.set_defaults(handler=run_demo)
+
+
 def locate_fashion_mnist(cache_dir: Path, log=print) -> Path:
     """A folder holding the four Fashion-MNIST IDX files, checked; downloads when needed.
     Raises RuntimeError when they can be neither found nor downloaded intact."""
+    import urllib.request
+
     if all((DEBIAN_DIR / name).exists() for name in IDX_SHA256):
         log(f"Fashion-MNIST: {DEBIAN_DIR} (Debian's dataset-fashion-mnist)")
         return DEBIAN_DIR
@@ -122,9 +136,9 @@ def demo_spec(dataset_json: Path, name: str, loss: dict, lr: float, epochs: int)
 
 def run_demo(args) -> int:
     from service.client import ServiceClient, ServiceError
-    from service.db import Store
     from service.local_ray import free_port
     from service.settings import Settings
+    from service.store import Store
 
     started = time.monotonic()
     data_dir = Path(args.data_dir).absolute()
@@ -217,7 +231,7 @@ def _follow(client, jobs: dict[str, str], epochs: int) -> dict[str, dict]:
                         f"  macro top-{K} {metrics.get(f'val_macro_top{K}', 0):.3f}"
                     )
                 print(line, flush=True)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in TERMINAL:
                 if job["status"] != "succeeded":
                     print(f"{label}: {job['status_reason']}", file=sys.stderr)
                 final[label] = job

@@ -15,6 +15,9 @@ STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
 QUEUED, LAUNCHING, RUNNING, SUCCEEDED, FAILED, CANCELLED = STATUSES
 TERMINAL: frozenset[str] = frozenset({SUCCEEDED, FAILED, CANCELLED})
 """A job in one of these has ended: nothing moves it any more."""
+LAUNCHED: tuple[JobStatus, ...] = (LAUNCHING, RUNNING)
+"""Handed to Ray (or about to be): the reconciler follows these jobs, and their resources count
+as taken on the cluster."""
 
 LEGAL_TRANSITIONS: dict[str, frozenset[str]] = {
     QUEUED: frozenset({LAUNCHING, CANCELLED, FAILED}),

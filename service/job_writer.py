@@ -5,8 +5,8 @@ an acknowledged submission is in the database exactly as with one transaction pe
 a transaction commits, new submissions queue up; the next transaction takes all of them (up to
 `max_batch`), so under load one thread hop, one transaction and one multi-row INSERT serve many
 requests, and at low load a job is written as soon as it arrives (nothing waits for a batch to
-fill). Per job, the outcome is what `Store.create_job` gives: (job, created) or its exception
-(IdempotencyConflict, ...).
+fill). Per job, the outcome is what `Store.create_jobs` gives it: (job, created) or its
+exception (IdempotencyConflict, ...).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import queue
 import threading
 from collections import defaultdict
 
-from service import db
+from service.store import JobRow, NewJob, Store
 
 log = logging.getLogger("topk.service")
 
@@ -30,7 +30,7 @@ class WriterStopped(RuntimeError):
 
 
 class JobWriter:
-    def __init__(self, store: db.Store, *, max_batch: int = 256):
+    def __init__(self, store: Store, *, max_batch: int = 256):
         self.store = store
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -50,7 +50,7 @@ class JobWriter:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    async def create(self, job: db.NewJob) -> tuple[db.JobRow, bool]:
+    async def create(self, job: NewJob) -> tuple[JobRow, bool]:
         """Record `job`; returns once it is committed (or raises what creating it raised)."""
         if self._closed or self._thread is None:
             raise WriterStopped("the job writer is not running")

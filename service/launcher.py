@@ -16,6 +16,8 @@ import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from service.error_text import short_message
+
 
 class LaunchError(RuntimeError):
     """Ray could not be reached or refused a request (an infrastructure problem)."""
@@ -85,11 +87,13 @@ class RayLauncher:
         try:
             return getattr(client, method)(*args, **kwargs)
         except RuntimeError as exc:
-            raise LaunchError(_first_line(exc)) from exc
+            raise LaunchError(short_message(exc)) from exc
         except Exception as exc:  # requests' connection errors and the like
             with self._lock:
                 self._client = None  # reconnect next time
-            raise LaunchError(f"Ray at {self.address} is unreachable: {_first_line(exc)}") from exc
+            raise LaunchError(
+                f"Ray at {self.address} is unreachable: {short_message(exc)}"
+            ) from exc
 
     def ping(self) -> None:
         self._call("get_version")
@@ -142,7 +146,7 @@ class RayLauncher:
             async for chunk in client.tail_job_logs(submission_id):
                 yield chunk
         except RuntimeError as exc:
-            raise LaunchError(_first_line(exc)) from exc
+            raise LaunchError(short_message(exc)) from exc
 
     def capacity(self) -> dict[str, float]:
         """Total CPU and GPU of the cluster's live nodes (what a queued job may ask for)."""
@@ -161,12 +165,3 @@ class RayLauncher:
             total["CPU"] += float(resources.get("CPU", 0.0))
             total["GPU"] += float(resources.get("GPU", 0.0))
         return total
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    # Ray's 500 answers carry a server traceback; its last line is the actual error.
-    if "Traceback (most recent call last)" in text:
-        lines = [line for line in text.splitlines() if line.strip()]
-        return f"{lines[0]} ... {lines[-1]}"
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,12 +1,18 @@
 """Service settings, read once from the environment (names are the deployment contract).
 
-Every setting has an embedded default, so `topk serve` with no configuration runs on one
-machine: SQLite and run storage under TOPK_DATA_DIR, a local Ray head started by `serve`.
+Each setting is a field of `Settings`, read from the variable TOPK_<FIELD NAME>: `port` from
+TOPK_PORT, `allowed_roots` from TOPK_ALLOWED_ROOTS (a comma list), ... (service/README.md lists
+them). An empty variable counts as unset. Every setting has an embedded default, so `topk serve`
+with no configuration runs on one machine: SQLite and run storage under TOPK_DATA_DIR, a local
+Ray head started by `serve`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +25,10 @@ API benchmark and by API-only tests, so they measure the service and not a clust
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path(".topk")
-    database_url: str = ""
+    database_url: str = ""  # default: SQLite in data_dir
     ray_address: str | None = None
-    ray_dashboard_url: str | None = None
-    storage_url: str = ""
+    ray_dashboard_url: str | None = None  # default: ray_address
+    storage_url: str = ""  # default: data_dir/runs
     allowed_protocols: tuple[str, ...] = ("file", "s3", "gs", "https", "memory")
     allowed_roots: tuple[str, ...] | None = None
     # Hosts (bucket names for s3/gs) whose dataset.json the server may read while it answers a
@@ -41,7 +47,7 @@ class Settings:
     # to these totals so that Ray sees the demand and scales up (unset: what the cluster has).
     cluster_max_cpus: float | None = None
     cluster_max_gpus: float | None = None
-    test_crash_at: str | None = field(default=None, repr=False)
+    test_crash_at: str | None = field(default=None, repr=False)  # see crash_point
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -55,6 +61,9 @@ class Settings:
             # Every job reads its spec.json and writes its run under the runs folder: allowed
             # roots that leave it out would refuse every job in its worker.
             object.__setattr__(self, "allowed_roots", (*self.allowed_roots, local_storage))
+        object.__setattr__(
+            self, "allowed_hosts", tuple(host.lower().rstrip(".") for host in self.allowed_hosts)
+        )
         if self.ray_dashboard_url is None and self.ray_address:
             object.__setattr__(self, "ray_dashboard_url", self.ray_address)
         if self.launch_mode not in LAUNCH_MODES:
@@ -64,58 +73,47 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
-        """Build settings from TOPK_* variables; `overrides` (field names) win over the environment.
+        """Build settings from the TOPK_* variables of `environ` (default: the process's);
+        `overrides` (field names, None for unset) win over the environment.
 
         Raises ValueError naming the variable when a value has the wrong type.
         """
         env = os.environ if environ is None else environ
-        values: dict = {}
-        if env.get("TOPK_DATA_DIR"):
-            values["data_dir"] = Path(env["TOPK_DATA_DIR"])
-        for name, var in (
-            ("database_url", "TOPK_DATABASE_URL"),
-            ("ray_address", "TOPK_RAY_ADDRESS"),
-            ("ray_dashboard_url", "TOPK_RAY_DASHBOARD_URL"),
-            ("storage_url", "TOPK_STORAGE_URL"),
-            ("host", "TOPK_HOST"),
-            ("launch_mode", "TOPK_LAUNCH_MODE"),
-            ("job_python", "TOPK_JOB_PYTHON"),
-            ("test_crash_at", "TOPK_TEST_CRASH_AT"),
-        ):
-            if env.get(var):
-                values[name] = env[var]
-        for name, var, kind in (
-            ("max_body_bytes", "TOPK_MAX_BODY_BYTES", int),
-            ("port", "TOPK_PORT", int),
-            ("max_attempts", "TOPK_MAX_ATTEMPTS", int),
-            ("retry_backoff_s", "TOPK_RETRY_BACKOFF_S", float),
-            ("reconcile_interval_s", "TOPK_RECONCILE_INTERVAL_S", float),
-            ("worker_threads", "TOPK_WORKER_THREADS", int),
-            ("cluster_max_cpus", "TOPK_CLUSTER_MAX_CPUS", float),
-            ("cluster_max_gpus", "TOPK_CLUSTER_MAX_GPUS", float),
-        ):
-            if env.get(var):
-                try:
-                    values[name] = kind(env[var])
-                except ValueError:
-                    raise ValueError(
-                        f"{var} must be a{'n integer' if kind is int else ' number'}, "
-                        f"got {env[var]!r}"
-                    ) from None
-        if env.get("TOPK_ALLOWED_PROTOCOLS"):
-            values["allowed_protocols"] = _split_list(env["TOPK_ALLOWED_PROTOCOLS"])
-        if env.get("TOPK_ALLOWED_ROOTS"):
-            values["allowed_roots"] = _split_list(env["TOPK_ALLOWED_ROOTS"])
-        if env.get("TOPK_ALLOWED_HOSTS"):
-            values["allowed_hosts"] = tuple(
-                host.lower().rstrip(".") for host in _split_list(env["TOPK_ALLOWED_HOSTS"])
-            )
+        values = {}
+        for name, kind in _field_types().items():
+            variable = f"TOPK_{name.upper()}"
+            if env.get(variable):
+                values[name] = _parse(variable, env[variable], kind)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def _field_types() -> dict[str, type]:
+    """Each field's type, None taken out of the optional ones (`float | None` -> float)."""
+    hints = typing.get_type_hints(Settings)
+    kinds = {}
+    for setting in dataclasses.fields(Settings):
+        kind = hints[setting.name]
+        if isinstance(kind, types.UnionType):
+            (kind,) = (part for part in typing.get_args(kind) if part is not type(None))
+        kinds[setting.name] = kind
+    return kinds
+
+
+def _parse(variable: str, text: str, kind) -> object:
+    if typing.get_origin(kind) is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            article = "an integer" if kind is int else "a number"
+            raise ValueError(f"{variable} must be {article}, got {text!r}") from None
+    return kind(text)  # str, Path
 
 
 def _local_path(url: str) -> str | None:
@@ -127,5 +125,7 @@ def _local_path(url: str) -> str | None:
     return os.path.abspath(os.path.expanduser(url))
 
 
-def _split_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+def crash_point(settings: Settings, step: str) -> None:
+    """Test hook: TOPK_TEST_CRASH_AT=<step> kills the process (like kill -9) at that step."""
+    if settings.test_crash_at == step:
+        os._exit(137)

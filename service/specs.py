@@ -99,8 +99,7 @@ def needs_dataset_read(model, settings: Settings) -> bool:
     fails the job with the reason when it cannot: a read on the request path would let any
     token holder make the server connect to a host and port of their choosing and time it.
     """
-    from jobs.contract.urls import dataset_location
-    from jobs.contract.urls import url_protocol
+    from jobs.contract.urls import dataset_location, url_protocol
 
     train = getattr(model, "train", model)
     loss = train.loss

@@ -2,7 +2,10 @@
 
 Each model's fields (besides `name`) are exactly the keyword arguments of the topk/ class
 registered under the same name, with the same defaults, so building the loss is one call:
-`topk.create_loss(spec.name, **spec.to_kwargs())`. A test keeps the two in sync.
+`topk.create_loss(spec.name, **spec.to_kwargs())`. A test keeps the two in sync. The top-K hinge
+losses have two more fields, which the runtime applies around the loss (jobs/training/
+objective.py) and `to_kwargs` leaves out (`runtime_fields`): `ce_warmup_epochs` and `ce_weight`,
+the cross-entropy remedies against rank-1 collapse.
 
 This module must not import torch: the service validates specs without it.
 """
@@ -26,10 +29,12 @@ class LossSpecBase(BaseModel):
     """The loss takes cosine scores in [-1, 1] and applies its own `scale`."""
     needs_class_counts: ClassVar[bool] = False
     """The loss needs the per-class training counts (`class_counts`)."""
+    runtime_fields: ClassVar[frozenset[str]] = frozenset()
+    """Fields the training runtime applies around the loss, not arguments of the topk/ class."""
 
     def to_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for `topk.create_loss(self.name, **kwargs)`."""
-        return self.model_dump(exclude={"name"})
+        return self.model_dump(exclude={"name", *self.runtime_fields})
 
 
 class ClassCountsMixin(BaseModel):
@@ -55,6 +60,23 @@ def check_class_counts(counts: list[int]) -> list[int]:
     return counts
 
 
+CeWarmupEpochs = Annotated[StrictInt, Field(ge=0)]
+"""`ce_warmup_epochs`: train with cross-entropy alone for this many first epochs, then with the
+loss."""
+CeWeight = Annotated[float, Field(ge=0.0)]
+"""`ce_weight`: add ce_weight x cross-entropy to the loss at every step (0: none)."""
+
+
+class CrossEntropyRemedyMixin:
+    """The top-K hinge losses take the cross-entropy remedies against rank-1 collapse (such a
+    loss can rank one head class first for every input: it only asks the true class to beat
+    the (K+1)-th score): fields `ce_warmup_epochs: CeWarmupEpochs = 0` and
+    `ce_weight: CeWeight = 0.0`, declared last in each model. The cross-entropy is taken on
+    the scores, times the loss's `scale` for the cosine-head losses."""
+
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"ce_warmup_epochs", "ce_weight"})
+
+
 class CrossEntropyLossSpec(LossSpecBase):
     name: Literal["cross_entropy"] = "cross_entropy"
 
@@ -69,7 +91,8 @@ class LDAMLossSpec(ClassCountsMixin, LossSpecBase):
     needs_class_counts: ClassVar[bool] = True
 
     name: Literal["ldam"] = "ldam"
-    max_m: float = Field(0.2, gt=0.0)
+    max_m: float = Field(0.2, ge=0.0)
+    """0: no margins, cross-entropy on `scale` x cosine scores (the cosine-head control)."""
     scale: float = Field(40.0, gt=0.0)
 
 
@@ -80,15 +103,17 @@ class LogitAdjustedLossSpec(ClassCountsMixin, LossSpecBase):
     tau: float = Field(1.0, ge=0.0)
 
 
-class NoisedTopKLossSpec(LossSpecBase):
+class NoisedTopKLossSpec(CrossEntropyRemedyMixin, LossSpecBase):
     name: Literal["noised_topk"] = "noised_topk"
     k: StrictInt = Field(5, ge=1)
     epsilon: float = Field(1.0, gt=0.0)
     n_samples: StrictInt = Field(5, ge=1)
     sampler: Literal["full", "lazy"] = "full"
+    ce_warmup_epochs: CeWarmupEpochs = 0
+    ce_weight: CeWeight = 0.0
 
 
-class NoisedTopKImbalancedLossSpec(ClassCountsMixin, LossSpecBase):
+class NoisedTopKImbalancedLossSpec(CrossEntropyRemedyMixin, ClassCountsMixin, LossSpecBase):
     needs_cosine_head: ClassVar[bool] = True
     needs_class_counts: ClassVar[bool] = True
 
@@ -99,18 +124,24 @@ class NoisedTopKImbalancedLossSpec(ClassCountsMixin, LossSpecBase):
     max_m: float = Field(0.2, ge=0.0)
     scale: float = Field(60.0, gt=0.0)
     sampler: Literal["full", "lazy"] = "full"
+    ce_warmup_epochs: CeWarmupEpochs = 0
+    ce_weight: CeWeight = 0.0
 
 
-class TopKHingeLossSpec(LossSpecBase):
+class TopKHingeLossSpec(CrossEntropyRemedyMixin, LossSpecBase):
     name: Literal["topk_hinge"] = "topk_hinge"
     k: StrictInt = Field(5, ge=1)
+    ce_warmup_epochs: CeWarmupEpochs = 0
+    ce_weight: CeWeight = 0.0
 
 
-class SmoothTopKSVMLossSpec(LossSpecBase):
+class SmoothTopKSVMLossSpec(CrossEntropyRemedyMixin, LossSpecBase):
     name: Literal["smooth_topk_svm"] = "smooth_topk_svm"
     k: StrictInt = Field(5, ge=1)
     tau: float = Field(0.1, gt=0.0)
     alpha: float = Field(1.0, gt=0.0)
+    ce_warmup_epochs: CeWarmupEpochs = 0
+    ce_weight: CeWeight = 0.0
 
 
 LOSS_SPECS: dict[str, type[LossSpecBase]] = {

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from jobs.contract.checkpoint import CheckpointSpec
 from jobs.contract.data import DataSpec
 from jobs.contract.loss import LOSS_SPECS, LossSpec, NoisedTopKLossSpec
 
@@ -154,6 +155,12 @@ class MetricsSpec(BaseModel):
     select: str = "val_top5"
     """The metric key the best checkpoint is chosen by (the paper: val_macro_top5 on Pl@ntNet)."""
     mode: Literal["max", "min"] = "max"
+    collapse_share: float = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False)
+    """Rank-1 collapse warning: each epoch reports `val_collapse_share`, the share of validation
+    images whose top-1 prediction is the most-predicted class; above this share the epoch is
+    flagged (`collapse_warning` in metrics.jsonl, a line in the job's log, `warnings` in
+    result.json). 1.0 never warns. On balanced validation data a healthy model is near
+    1/num_classes."""
 
     @field_validator("ks")
     @classmethod
@@ -174,14 +181,6 @@ class ScalingSpec(BaseModel):
     accelerator_type: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$")
     """With use_gpu: the GPU type the workers need, as Ray names it (e.g. "H100", "A100",
     "L4"); Ray schedules them on nodes that have it. None: any GPU."""
-
-
-class CheckpointSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    keep_last: StrictInt = Field(2, ge=1, le=1000)
-    """How many checkpoints Ray Train keeps: the `keep_last` best by metrics.select (the latest
-    ones when there is no validation split), and always the most recent one for resuming."""
 
 
 class TrainSpec(BaseModel):
@@ -228,6 +227,15 @@ class TrainSpec(BaseModel):
         k = getattr(self.loss, "k", None)
         if k is not None and k + 1 > num_classes:
             problems.append(("loss.k", f"k + 1 = {k + 1} exceeds data.num_classes = {num_classes}"))
+        warmup = getattr(self.loss, "ce_warmup_epochs", 0)
+        if warmup >= self.epochs:
+            problems.append(
+                (
+                    "loss.ce_warmup_epochs",
+                    f"{warmup} cross-entropy epochs leave no epoch for {self.loss.name} "
+                    f"(epochs = {self.epochs})",
+                )
+            )
         counts = getattr(self.loss, "class_counts", None)
         if counts is not None and len(counts) != num_classes:
             problems.append(

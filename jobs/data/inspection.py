@@ -8,12 +8,8 @@ from dataclasses import dataclass, field
 
 from jobs.contract.dataset_info import read_dataset_info
 from jobs.contract.urls import ALLOWED_PROTOCOLS, open_url
-from jobs.data.shard_format import (
-    DEFAULT_LABEL_KEY,
-    BadRecord,
-    ShardReadError,
-    read_shard_records,
-)
+from jobs.data.shard_format import DEFAULT_LABEL_KEY, BadRecord, ShardReadError
+from jobs.data.shard_reader import read_shard_records
 
 
 @dataclass(frozen=True)

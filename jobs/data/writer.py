@@ -14,13 +14,13 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 
 from jobs.contract.dataset_info import DatasetInfo, ShardEntry, write_dataset_info
 from jobs.contract.urls import ALLOWED_PROTOCOLS, check_url
-from jobs.data.shard_format import ShardWriter
+from jobs.data.shard_writer import ShardWriter
 from jobs.data.sources import ImageSource, open_source
 
 ImageFormat = Literal["keep", "png", "jpeg", "webp"]
@@ -201,6 +201,66 @@ class _Progress:
             print(text, file=self.stream, flush=True)
 
 
+def _class_names(
+    items: ImageSource, class_names: list[str] | None, label_noise_groups: Sequence[int] | None
+) -> list[str]:
+    """The class names to record (`class_names` if given), checked against the source's
+    classes and the label-noise groups."""
+    names = class_names or items.class_names
+    if len(names) != len(items.class_names):
+        raise ValueError(
+            f"{len(names)} class names given for {len(items.class_names)} classes in the source"
+        )
+    if label_noise_groups is not None and len(label_noise_groups) != len(names):
+        raise ValueError(
+            f"{len(label_noise_groups)} label-noise groups given for {len(names)} classes"
+        )
+    return list(names)
+
+
+def _check_options(*, max_per_class: int | None, max_size: int | None, image_format: str) -> None:
+    if max_per_class is not None and max_per_class < 1:
+        raise ValueError(f"max_per_class must be >= 1, got {max_per_class}")
+    if max_size is not None and max_size < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    if image_format not in ("keep", "png", "jpeg", "webp"):
+        raise ValueError(f"image_format must be keep, png, jpeg or webp, got {image_format!r}")
+
+
+def _write_split(
+    items: ImageSource,
+    order: np.ndarray,
+    labels: np.ndarray,
+    writer: ShardWriter,
+    encoding: dict[str, Any],
+    report: _Progress,
+    num_classes: int,
+) -> tuple[list[int], SplitSummary]:
+    """Write the items `order` of one split (named by the writer's prefix) with their
+    `labels`, encoded by `encode_item(..., **encoding)`; returns the per-class counts and the
+    split's summary. Raises ValueError for an unreadable item."""
+    split = writer.prefix
+    counts = [0] * num_classes
+    with writer:
+        for n, item_index in enumerate(order):
+            label = int(labels[item_index])
+            try:
+                data, ext = encode_item(items.load(int(item_index)), **encoding)
+            except OSError as exc:  # PIL's error for undecodable input
+                raise ValueError(f"cannot read {items.names[item_index]}: {exc}") from None
+            writer.write(f"{n:08d}", data, ext, label)
+            counts[label] += 1
+            report(f"{split}: {n + 1}/{len(order)} samples, {len(writer.shards)} shards")
+    report(f"{split}: {len(order)}/{len(order)} samples, {len(writer.shards)} shards", True)
+    written = SplitSummary(
+        samples=len(order),
+        classes=sum(1 for c in counts if c),
+        bytes=sum(b for _, _, b in writer.shards),
+        shards=len(writer.shards),
+    )
+    return counts, written
+
+
 def build_shards(
     source: str | ImageSource,
     out: str,
@@ -224,31 +284,18 @@ def build_shards(
     allowed_roots: list[str] | None = None,
 ) -> WriteSummary:
     """Write `source` (a local folder/zip/.npz/IDX folder path, or an ImageSource) as shards and
-    dataset.json under the fsspec URL `out`; returns the summary.
-
-    `train_label_noise` gives that share of the training split another class of the same
-    group (`label_noise_groups[c]`, see `corrupt_labels`); val and test keep the true labels.
-    Deterministic for a given source and seed. Raises ValueError for a bad source, option or
-    refused `out` URL.
-    """
+    dataset.json under the fsspec URL `out`; returns the summary. `train_label_noise` gives that
+    share of the training split another class of the same group (`label_noise_groups[c]`, see
+    `corrupt_labels`); val and test keep the true labels. Deterministic for a given source and
+    seed. Raises ValueError for a bad source, option or refused `out` URL."""
     started = time.monotonic()
     out_url = check_url(out, allowed_protocols, allowed_roots)
-    if max_per_class is not None and max_per_class < 1:
-        raise ValueError(f"max_per_class must be >= 1, got {max_per_class}")
-    if max_size is not None and max_size < 1:
-        raise ValueError(f"max_size must be >= 1, got {max_size}")
-    if image_format not in ("keep", "png", "jpeg", "webp"):
-        raise ValueError(f"image_format must be keep, png, jpeg or webp, got {image_format!r}")
+    _check_options(max_per_class=max_per_class, max_size=max_size, image_format=image_format)
     items = open_source(source) if isinstance(source, str) else source
-    names = class_names or items.class_names
-    if len(names) != len(items.class_names):
-        raise ValueError(
-            f"{len(names)} class names given for {len(items.class_names)} classes in the source"
-        )
-    num_classes = len(names)
+    names = _class_names(items, class_names, label_noise_groups)
     splits = split_indices(
         items.labels,
-        num_classes,
+        len(names),
         seed=seed,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
@@ -256,67 +303,40 @@ def build_shards(
         imbalance_ratio=imbalance_ratio,
         imbalance_profile=imbalance_profile,
     )
-    if label_noise_groups is not None and len(label_noise_groups) != num_classes:
-        raise ValueError(
-            f"{len(label_noise_groups)} label-noise groups given for {num_classes} classes"
-        )
     train_labels = corrupt_labels(
         items.labels, splits["train"], train_label_noise, groups=label_noise_groups, seed=seed
     )
     report = _Progress(progress)
-    summary = WriteSummary(dataset_url="", num_classes=num_classes)
+    encoding = {"image_format": image_format, "max_size": max_size, "quality": quality}
+    summary = WriteSummary(dataset_url="", num_classes=len(names))
     shard_entries: dict[str, list[ShardEntry]] = {}
     class_counts: dict[str, list[int]] = {}
     for split, order in splits.items():
-        if len(order) == 0:
-            continue
-        counts = [0] * num_classes
-        with ShardWriter(
-            out_url, split, max_samples=shard_max_samples, max_bytes=shard_max_bytes
-        ) as writer:
-            for n, item_index in enumerate(order):
-                label = int((train_labels if split == "train" else items.labels)[item_index])
-                try:
-                    data, ext = encode_item(
-                        items.load(int(item_index)),
-                        image_format=image_format,
-                        max_size=max_size,
-                        quality=quality,
-                    )
-                except OSError as exc:  # PIL's error for undecodable input
-                    raise ValueError(f"cannot read {items.names[item_index]}: {exc}") from None
-                writer.write(f"{n:08d}", data, ext, label)
-                counts[label] += 1
-                report(f"{split}: {n + 1}/{len(order)} samples, {len(writer.shards)} shards")
-        shard_entries[split] = [ShardEntry(p, s, b) for p, s, b in writer.shards]
-        class_counts[split] = counts
-        summary.splits[split] = SplitSummary(
-            samples=len(order),
-            classes=sum(1 for c in counts if c),
-            bytes=sum(b for _, _, b in writer.shards),
-            shards=len(writer.shards),
-        )
-        report(f"{split}: {len(order)}/{len(order)} samples, {len(writer.shards)} shards", True)
-    info = DatasetInfo(
-        num_classes=num_classes,
-        class_names=list(names),
-        class_counts=class_counts,
-        num_samples={split: s.samples for split, s in summary.splits.items()},
-        shards=shard_entries,
-        source={
-            "kind": items.kind,
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
-            "max_per_class": max_per_class,
-            "imbalance_ratio": imbalance_ratio,
-            "imbalance_profile": imbalance_profile,
-            "image_format": image_format,
-            "max_size": max_size,
-            "train_label_noise": train_label_noise,
-            "train_labels_changed": int((train_labels != items.labels).sum()),
-        },
-    )
+        if len(order):
+            labels = train_labels if split == "train" else items.labels
+            writer = ShardWriter(
+                out_url, split, max_samples=shard_max_samples, max_bytes=shard_max_bytes
+            )
+            class_counts[split], summary.splits[split] = _write_split(
+                items, order, labels, writer, encoding, report, len(names)
+            )
+            shard_entries[split] = [ShardEntry(*shard) for shard in writer.shards]
+    made_with = {
+        "kind": items.kind,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "max_per_class": max_per_class,
+        "imbalance_ratio": imbalance_ratio,
+        "imbalance_profile": imbalance_profile,
+        "image_format": image_format,
+        "max_size": max_size,
+        "train_label_noise": train_label_noise,
+        "train_labels_changed": int((train_labels != items.labels).sum()),
+    }
+    num_samples = {split: written.samples for split, written in summary.splits.items()}
+    info = DatasetInfo(len(names), names, class_counts, num_samples, shard_entries)
+    info.source = made_with
     summary.dataset_url = write_dataset_info(info, out_url)
     summary.seconds = time.monotonic() - started
     return summary

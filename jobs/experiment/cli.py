@@ -93,6 +93,8 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     if args.report:
         from jobs.experiment.report import write_report
 
-        written = write_report(config, plan, records, Path(args.report), out, command=command)
+        written = write_report(
+            config, plan, records, Path(args.report), out, command=command, config_path=args.config
+        )
         print(f"report: {written}")
     return exit_codes.FAILED if failed or missing else exit_codes.OK

@@ -1,2 +1,3 @@
 """The training runtime: a plain PyTorch loop (loop.py), checkpoints on the run's storage
-(checkpoint.py), the Ray Train worker function (worker.py) and the launcher (run.py)."""
+(checkpoint.py), the worker's session protocol and its Ray Train and in-process implementations
+(session.py), each rank's loop (worker.py) and the launchers (run.py)."""

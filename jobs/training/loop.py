@@ -3,11 +3,11 @@ optimiser and learning-rate schedule builders. Testable without Ray; when a
 `torch.distributed` process group is initialised, losses and metric counts are summed across
 ranks so every rank returns the same figures.
 
-On a GPU the steady-state step never waits for the host: the next batch is copied on a side
-stream while the current one computes (`DevicePrefetcher`, from pinned memory), a non-finite
-loss is counted on the device and read every `check_every` steps and at the end of the epoch,
-the epoch's loss is summed on the device, and evaluation counts top-k hits on the device, read
-once per evaluation.
+On a GPU the steady-state step never waits for the host: the next batch is copied (or, with
+data.decode "device", decoded) on a side stream while the current one computes
+(`DevicePrefetcher`, from pinned memory), a non-finite loss is counted on the device and read
+every `check_every` steps and at the end of the epoch, the epoch's loss is summed on the
+device, and evaluation counts top-k hits on the device, read once per evaluation.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
@@ -145,18 +145,30 @@ def use_channels_last(device: torch.device | str, model: nn.Module) -> bool:
     )
 
 
+class EncodedImages(Protocol):
+    """A batch whose images are still encoded (data.decode "device": the data layer's
+    `JpegBatch`): `decode` returns (images [B, C, S, S] float, labels [B]) on `device`, with
+    no read back to the host."""
+
+    def decode(
+        self, device: torch.device, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 class DevicePrefetcher:
     """Batches of `loader` on `device`, one batch ahead.
 
     On CUDA the next batch's copy is issued on a side stream as soon as the current batch is
     handed out, so the host-to-device copy overlaps the current step (the copy is asynchronous
     only from pinned memory: build the loader with `pin_memory=True`); images are converted to
-    `channels_last` when asked. On the CPU it is the loader itself (plus the format change).
+    `channels_last` when asked. Encoded images (`EncodedImages`) are decoded here, on the side
+    stream too, so a GPU decodes the next batch while it trains on this one. On the CPU it is
+    the loader itself (plus the decoding and the format change).
     """
 
     def __init__(
         self,
-        loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        loader: Iterable[tuple[torch.Tensor | EncodedImages, torch.Tensor]],
         device: torch.device | str,
         *,
         channels_last: bool = False,
@@ -168,9 +180,12 @@ class DevicePrefetcher:
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
-    def _to_device(self, images: torch.Tensor, labels: torch.Tensor):
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
+    def _to_device(self, images: torch.Tensor | EncodedImages, labels: torch.Tensor):
+        if isinstance(images, torch.Tensor):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+        else:  # data.decode "device": decoded here, on the side stream on CUDA
+            images, labels = images.decode(self.device, labels)
         if self.channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels

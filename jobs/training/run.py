@@ -1,6 +1,9 @@
-"""Launch one training run on Ray Train: `run_training(spec, run_name, storage, address)`.
+"""Launch one training run on Ray Train: `run_training(spec, run_name, storage, address)`, or
+in this process without Ray: `run_training_in_process(spec, run_name, storage)`.
 
-The run lives in ROOT/RUN on the storage root (see storage.py). Ray Train's own run folder is
+Both take a resolved spec (class counts filled: `jobs.contract.spec_files.resolve_class_counts`,
+which the process that starts the run calls once, as `jobs.cli.load_spec` does). The run lives
+in ROOT/RUN on the storage root (see jobs/contract/run_files.py). Ray Train's own run folder is
 ROOT/RUN/checkpoints with the fixed name "checkpoints": launching the same RUN again (a relaunch
 by the service, or `topk train` with the same --run-name) finds Ray's state there and resumes
 from the latest checkpoint; with more epochs in the spec it continues training.
@@ -14,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.contract.run_files import (
     RAY_RUN_FOLDER,
@@ -26,13 +29,13 @@ from jobs.contract.run_files import (
     read_metrics,
     write_json,
 )
-from jobs.contract.spec_files import resolve_class_counts
-from jobs.contract.train import TrainSpec
+from jobs.contract.selection import best_by_metric
+from jobs.contract.train import SpecError, TrainSpec
 from jobs.contract.urls import PROTOCOLS_ENV, ROOTS_ENV
 from jobs.training.worker import FAULT_INJECTION_ENV
 
-logger = logging.getLogger(__name__)
-
+if TYPE_CHECKING:
+    from jobs.training.session import LocalSession
 
 _connected_here = False  # ensure_ray made this process's Ray connection (settle_worker_output)
 
@@ -133,6 +136,12 @@ def torch_backend(spec: TrainSpec) -> str:
     return "nccl" if spec.scaling.use_gpu else "gloo"
 
 
+def checkpoint_score(spec: TrainSpec) -> str | None:
+    """The metric that ranks a run's checkpoints: metrics.select when the run evaluates a
+    validation split, else None (the latest checkpoints are kept)."""
+    return spec.metrics.select if spec.data.val is not None else None
+
+
 def build_trainer(
     spec: TrainSpec,
     run_dir: str,
@@ -146,11 +155,10 @@ def build_trainer(
     from jobs.training.worker import train_loop_per_worker
 
     storage_path, storage_filesystem = ray_storage(run_dir)
-    has_val = spec.data.val is not None
     checkpoint_config = ray.train.CheckpointConfig(
-        # Ray keeps the `keep_last` best by the selection metric and always the latest.
-        num_to_keep=spec.checkpoint.keep_last,
-        checkpoint_score_attribute=spec.metrics.select if has_val else None,
+        # Ray keeps the `keep_best` best by the selection metric and always the latest.
+        num_to_keep=spec.checkpoint.keep_best,
+        checkpoint_score_attribute=checkpoint_score(spec),
         checkpoint_score_order=spec.metrics.mode,
     )
     # The URL limits go to the workers explicitly: a Ray job's runtime_env reaches them anyway,
@@ -180,14 +188,13 @@ def build_trainer(
 
 def summarize_run(spec: TrainSpec, run_dir: str, *, error: str | None = None) -> dict[str, Any]:
     """result.json's content from the run's metrics.jsonl: status, epochs, best epoch's
-    metrics by `metrics.select`."""
+    metrics by `metrics.select`, and `warnings` (the epochs flagged for rank-1 collapse,
+    jobs/training/collapse.py) when there are any."""
+    from jobs.training.collapse import collapse_warnings
+
     history = read_metrics(join(run_dir, "metrics.jsonl"))
-    select, mode = spec.metrics.select, spec.metrics.mode
-    scored = [r for r in history if isinstance(r.get(select), (int, float))]
-    best = None
-    if scored:
-        best = (max if mode == "max" else min)(scored, key=lambda r: r[select])
-    return {
+    best = best_by_metric(history, spec.metrics.select, spec.metrics.mode)
+    result = {
         "status": "failed" if error else "succeeded",
         "epochs": max((r["epoch"] for r in history), default=0),
         "best": best,
@@ -195,6 +202,10 @@ def summarize_run(spec: TrainSpec, run_dir: str, *, error: str | None = None) ->
         "error": error,
         "time": time.time(),
     }
+    warnings = collapse_warnings(history)
+    if warnings:
+        result["warnings"] = warnings
+    return result
 
 
 class MetricsFollower:
@@ -242,15 +253,16 @@ def run_training(
     *,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train `spec` as run `run_name` under the storage root (`storage`, else spec.storage,
-    else TOPK_STORAGE_URL or ./.topk/runs) and return result.json's content.
+    """Train the resolved `spec` as run `run_name` under the storage root (`storage`, else
+    spec.storage, else TOPK_STORAGE_URL or ./.topk/runs) and return result.json's content.
 
     Writes ROOT/RUN/spec.json (when absent), metrics.jsonl per epoch, checkpoints and
     result.json. `on_epoch(record)` (optional) gets each new metrics.jsonl record while the run
     goes. A failed run writes result.json with status "failed" and raises RuntimeError
-    with the cause. Raises ValueError for a bad run name or storage URL.
+    with the cause. Raises ValueError for a bad run name or storage URL, SpecError for class
+    counts left unresolved.
     """
-    spec, run_dir = _open_run(spec, run_name, storage or spec.storage)
+    run_dir = _open_run(spec, run_name, storage or spec.storage)
     scaling = spec.scaling
     ensure_ray(
         address,
@@ -258,48 +270,60 @@ def run_training(
         num_gpus=scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0,
     )
     trainer = build_trainer(spec, run_dir)
-    try:
+
+    def fit() -> None:
         if on_epoch is None:
             trainer.fit()
         else:
             with MetricsFollower(run_dir, on_epoch):
                 trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors; keep the root cause's message
-        _close_run(spec, run_dir, error=_root_cause(exc), cause=exc)
-    return _close_run(spec, run_dir)
+
+    return _train_and_record(spec, run_dir, fit)
 
 
-def _open_run(spec: TrainSpec, run_name: str, storage: str | None) -> tuple[TrainSpec, str]:
-    """Check the run name, resolve the class counts and write ROOT/RUN/spec.json when absent
-    (the service writes it first); returns the resolved spec and ROOT/RUN."""
+def _open_run(spec: TrainSpec, run_name: str, storage: str | None) -> str:
+    """Check the run name and that the spec is resolved, and write ROOT/RUN/spec.json when
+    absent (the service writes it first); returns ROOT/RUN."""
     check_run_name(run_name)
+    if type(spec.loss).needs_class_counts and spec.loss.class_counts is None:  # type: ignore[attr-defined]
+        raise SpecError(
+            [
+                (
+                    "loss.class_counts",
+                    f"loss {spec.loss.name!r} needs class counts and the spec was not resolved: "
+                    "call jobs.contract.spec_files.resolve_class_counts(spec) first",
+                )
+            ]
+        )
     run_dir = join(normalize_root(storage), run_name)
-    spec = resolve_class_counts(spec)
     spec_url = join(run_dir, "spec.json")
     if read_json(spec_url) is None:
         write_json(spec_url, spec.model_dump(mode="json"))
-    return spec, run_dir
+    return run_dir
 
 
-def _close_run(
-    spec: TrainSpec, run_dir: str, *, error: str | None = None, cause: BaseException | None = None
-) -> dict[str, Any]:
-    """Write result.json; returns it, or raises RuntimeError(error) for a failed run."""
-    result = summarize_run(spec, run_dir, error=error)
+def _train_and_record(spec: TrainSpec, run_dir: str, train: Callable[[], None]) -> dict[str, Any]:
+    """Run `train()`, then write result.json and return it; a training that raised is
+    recorded as failed with its root cause in one line, raised again as RuntimeError."""
+    try:
+        train()
+    except Exception as exc:  # Ray wraps worker errors; keep the root cause's message
+        error = _root_cause(exc)
+        write_json(join(run_dir, "result.json"), summarize_run(spec, run_dir, error=error))
+        raise RuntimeError(error) from exc
+    result = summarize_run(spec, run_dir)
     write_json(join(run_dir, "result.json"), result)
-    if error is not None:
-        raise RuntimeError(error) from cause
     return result
 
 
 def run_training_in_process(
     spec: TrainSpec, run_name: str, storage: str, *, device: str | None = None
 ) -> dict[str, Any]:
-    """Train `spec` as run `run_name` in this process, with the same loop as a Ray Train worker
-    (jobs.training.worker.run_loop) and the same files under the local storage root `storage`;
-    an interrupted run resumes from its latest checkpoint. For many small single-worker runs
-    (the experiment runner), where starting a Ray Train worker group per run would cost more
-    than the training; no Ray is needed.
+    """Train the resolved `spec` as run `run_name` in this process, with the same loop as a
+    Ray Train worker (jobs.training.worker.run_loop) and the same files under the local storage
+    root `storage`; an interrupted run resumes from its latest checkpoint. For many small
+    single-worker runs (the experiment runner), where starting a Ray Train worker group per run
+    would cost more than the training; no Ray is needed.
 
     The device is `resolve_device(device)` (jobs.training.device: "auto", "cpu" or "cuda";
     None reads TOPK_DEVICE, default "auto": CUDA when present, else the CPU). `scaling.use_gpu`
@@ -308,8 +332,21 @@ def run_training_in_process(
     (before writing anything) for what it cannot run: several workers, a remote storage root,
     `scaling.use_gpu` without CUDA, "cuda" asked on a machine without it.
     """
+    from jobs.training.worker import run_loop
+
+    session = _local_session(spec, run_name, storage, device)
+    run_dir = _open_run(spec, run_name, storage)
+    config = {"spec": spec.model_dump(mode="json"), "run_dir": run_dir}
+    return _train_and_record(spec, run_dir, lambda: run_loop(config, session))
+
+
+def _local_session(
+    spec: TrainSpec, run_name: str, storage: str, device: str | None
+) -> LocalSession:
+    """The in-process session of run `run_name`; raises ValueError (writing nothing) for what
+    in-process training cannot run (see run_training_in_process)."""
     from jobs.training.device import resolve_device
-    from jobs.training.worker import LocalSession, run_loop
+    from jobs.training.session import LocalSession
 
     if spec.scaling.num_workers != 1:
         raise ValueError(
@@ -325,20 +362,13 @@ def run_training_in_process(
     root = normalize_root(storage)
     if "://" in root and not root.startswith("file://"):
         raise ValueError(f"in-process training needs a local storage root, got {root}")
-    spec, run_dir = _open_run(spec, run_name, root)
-    session = LocalSession(
-        run_dir.removeprefix("file://"),
-        # as build_trainer: the best by the selection metric, or the latest without val
-        select=spec.metrics.select if spec.data.val is not None else None,
+    return LocalSession(
+        join(root, run_name).removeprefix("file://"),
+        select=checkpoint_score(spec),  # as build_trainer's CheckpointConfig
         mode=spec.metrics.mode,
-        keep=spec.checkpoint.keep_last,
+        keep=spec.checkpoint.keep_best,
         device=chosen,
     )
-    try:
-        run_loop({"spec": spec.model_dump(mode="json"), "run_dir": run_dir}, session)
-    except Exception as exc:
-        _close_run(spec, run_dir, error=f"{type(exc).__name__}: {exc}", cause=exc)
-    return _close_run(spec, run_dir)
 
 
 def _root_cause(exc: BaseException) -> str:

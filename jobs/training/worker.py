@@ -6,40 +6,37 @@ Rank 0 writes the model/optimiser/scheduler state into the checkpoint, every ran
 Ray Train merges them into one checkpoint directory. A (re)started worker group resumes from
 `ray.train.get_checkpoint()`, so a failure loses at most the epoch in progress.
 
-The loop talks to its runner through a small session object: `RayTrainSession` (Ray Train's
-context, checkpoints and report) for every job, and `LocalSession` (one process, checkpoints in
-ROOT/RUN/checkpoints) for `jobs.training.run.run_training_in_process`, which the experiment
-runner uses to train hundreds of small runs in reused Ray task processes.
+The loop talks to its runner through a `WorkerSession` (session.py): `RayTrainSession` for
+every job, `LocalSession` for `jobs.training.run.run_training_in_process`, which the experiment
+runner uses to train hundreds of small runs in reused processes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from jobs.contract.run_files import MetricsLog, join, read_metrics
+from jobs.contract.run_files import MetricsLog, join
+from jobs.contract.selection import best_by_metric
 from jobs.contract.train import TrainSpec
-from jobs.data.pipeline import build_eval_loader, build_train_loader
+from jobs.data.pipeline import ShardLoader, TrainLoader, build_eval_loader, build_train_loader
 from jobs.models import build_model
 from jobs.training.checkpoint import (
-    STATE_FILE,
     TrainingState,
     load_training_state,
     save_rng_state,
     save_training_state,
 )
+from jobs.training.collapse import collapse_metrics, print_warning
 from jobs.training.loop import (
     build_optimizer,
     build_scheduler,
@@ -47,7 +44,8 @@ from jobs.training.loop import (
     train_one_epoch,
     use_channels_last,
 )
-from topk import create_loss
+from jobs.training.objective import Objective, build_objective
+from jobs.training.session import RayTrainSession, WorkerSession
 
 # Test hook for the fault-tolerance test: "RANK:EPOCH:MARKER_PATH" makes that rank's process
 # SIGKILL itself during that epoch if the marker file exists (the file is removed first, so it
@@ -57,6 +55,10 @@ FAULT_INJECTION_ENV = "TOPK_TEST_KILL_WORKER"
 # worker lost before that poll loses its last report. The hook dies this long into the epoch,
 # as a crash in the middle of a real epoch would.
 _FAULT_DELAY_S = 6.0
+
+VAL_PREFIX = "val_"
+"""The validation metrics are `TopKCounts.to_metrics(VAL_PREFIX)`: val_top{k} and
+val_macro_top{k}, the names `jobs.contract.train.reported_metrics` lists for the spec."""
 
 
 def _seed_everything(seed: int) -> None:
@@ -82,18 +84,6 @@ def _maybe_inject_fault(rank: int, epoch: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _skipped_samples(loader: Any) -> int:
-    stats = getattr(loader, "stats", None)
-    if stats is None:
-        return 0
-    skipped = getattr(stats, "skipped", None)
-    if skipped is None and isinstance(stats, dict):
-        skipped = stats.get("skipped")
-    if isinstance(skipped, dict):
-        return int(sum(skipped.values()))
-    return int(skipped or 0)
-
-
 def _sum_across_ranks(value: int, device: torch.device) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return value
@@ -102,143 +92,43 @@ def _sum_across_ranks(value: int, device: torch.device) -> int:
     return int(total.item())
 
 
-class RayTrainSession:
-    """The loop's view of Ray Train: rank, device, the checkpoint to resume, report."""
-
-    def __init__(self) -> None:
-        import ray.train  # Ray only where Ray Train runs: LocalSession needs no Ray at all
-        import ray.train.torch
-
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        # With use_gpu Ray Train gives each worker one GPU (CUDA_VISIBLE_DEVICES) and this is it.
-        self.device = ray.train.torch.get_device()
-
-    @contextlib.contextmanager
-    def resume_directory(self) -> Iterator[str | None]:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield directory
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
-        # The model is already on self.device (and in its memory format): DDP wrapping only.
-        return ray.train.torch.prepare_model(model, move_to_device=False)
-
-    def report(self, metrics: dict[str, Any], directory: str, epoch: int) -> None:
-        import ray.train
-
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
-        )
-
-
-def local_checkpoints(folder: Path) -> dict[int, Path]:
-    """epoch -> checkpoint directory, for the complete checkpoints in a local `checkpoints`
-    folder (Ray Train's and LocalSession's `checkpoint_epoch_NNNN` names)."""
-    found = {}
-    for path in Path(folder).glob("checkpoint_epoch_*"):
-        if (path / STATE_FILE).is_file():
-            found[int(path.name.rsplit("_", 1)[1])] = path
-    return found
-
-
-class LocalSession:
-    """One process, no Ray Train: checkpoints go to `checkpoints/checkpoint_epoch_NNNN` under a
-    local run folder, keeping the `keep` best by `select` (in `mode`; the scores are read from
-    the run's metrics.jsonl) and the latest, as Ray Train's CheckpointConfig does (the `keep`
-    latest when `select` is None); a new session resumes from the latest."""
-
-    def __init__(
-        self,
-        run_dir: str,
-        *,
-        select: str | None,
-        mode: str,
-        keep: int,
-        device: torch.device | str | None = None,
-    ) -> None:
-        self.rank, self.world_size = 0, 1
-        # The GPU when there is one (several runs may share it, each in its own process).
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.run_dir = Path(run_dir)
-        self.folder = self.run_dir / "checkpoints"
-        self.select, self.mode, self.keep = select, mode, keep
-
-    @contextlib.contextmanager
-    def resume_directory(self) -> Iterator[str | None]:
-        checkpoints = local_checkpoints(self.folder)
-        yield str(checkpoints[max(checkpoints)]) if checkpoints else None
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
-    def report(self, metrics: dict[str, Any], directory: str, epoch: int) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        target = self.folder / f"checkpoint_epoch_{epoch:04d}"
-        staging = self.folder / f".staging_{epoch:04d}"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(directory, staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)  # a checkpoint is visible only once complete
-        checkpoints = local_checkpoints(self.folder)
-        keep = {max(checkpoints)} | set(sorted(checkpoints)[-self.keep :])
-        if self.select is not None:
-            scores = {
-                record["epoch"]: float(record[self.select])
-                for record in read_metrics(str(self.run_dir / "metrics.jsonl"))
-                if isinstance(record.get(self.select), (int, float))
-            }
-            scores[epoch] = float(metrics[self.select])
-            sign = -1.0 if self.mode == "max" else 1.0  # ties go to the earliest epoch, as in
-            ranked = sorted(  # summarize_run's choice of the best epoch
-                (e for e in checkpoints if e in scores), key=lambda e: (sign * scores[e], e)
-            )
-            keep = {max(checkpoints)} | set(ranked[: self.keep])
-        for stale in set(checkpoints) - keep:
-            shutil.rmtree(checkpoints[stale], ignore_errors=True)
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. `config`: {"spec": TrainSpec as a JSON dict, "run_dir": URL of
-    ROOT/RUN}. The spec is validated again here: the worker trusts nothing it is sent."""
-    run_loop(config, RayTrainSession())
-
-
-def run_loop(config: dict[str, Any], session: RayTrainSession | LocalSession) -> None:
-    """The training loop of one rank, whatever runs it (see the module docstring)."""
-    spec = TrainSpec.model_validate(config["spec"])
-    run_dir: str = config["run_dir"]
-    rank, world_size = session.rank, session.world_size
-    device = session.device
-    _seed_everything(spec.seed * 1000 + rank)
-
-    loss_kwargs = spec.loss.to_kwargs()
-    loss_fn = create_loss(spec.loss.name, **loss_kwargs).to(device)
-    model = build_model(
+def build_model_for(spec: TrainSpec, *, load_pretrained: bool = True) -> torch.nn.Module:
+    """The spec's model, on the CPU: its arch, classes, input channels, head (validation
+    settles `model.cosine_head` for the loss) and, unless `load_pretrained` is False (the
+    weights come from a checkpoint next), its pretrained backbone."""
+    return build_model(
         spec.model.arch,
         spec.data.num_classes,
         in_channels=spec.data.channels,
-        cosine_head=bool(spec.model.cosine_head),  # the spec resolved it for the loss
-        pretrained=spec.model.pretrained,
+        cosine_head=spec.model.cosine_head,  # type: ignore[arg-type]  # a bool once validated
+        pretrained=spec.model.pretrained if load_pretrained else None,
     )
-    channels_last = use_channels_last(device, model)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else None)
-    optimizer = build_optimizer(model, **spec.optim.model_dump())
 
-    # One loader per split for the whole run: shards and dataset.json are resolved once, the
-    # loader workers persist across epochs, and batches are pinned for the GPU.
-    pin_memory = device.type == "cuda"
+
+@dataclass
+class _Training:
+    """What one rank trains with, built once per run: one loader per split for the whole run
+    (shards and dataset.json resolved once, loader workers kept across epochs, batches pinned
+    for the GPU), and the state restored from the checkpoint it resumes from."""
+
+    model: torch.nn.Module
+    loss_fn: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: TrainLoader
+    val_loader: ShardLoader | None
+    channels_last: bool
+    amp: bool
+    state: TrainingState
+    resumed_from: int | None
+
+
+def _build_loaders(
+    spec: TrainSpec, session: WorkerSession
+) -> tuple[TrainLoader, ShardLoader | None]:
+    """This rank's train loader and, when the spec has a validation split, its eval loader."""
+    rank, world_size = session.rank, session.world_size
+    pin_memory = session.device.type == "cuda"
     loader = build_train_loader(
         spec.data,
         batch_size=spec.batch_size,
@@ -257,91 +147,150 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | LocalSession) ->
             world_size=world_size,
             pin_memory=pin_memory,
         )
-    steps_per_epoch = loader.steps_per_epoch
+    return loader, val_loader
+
+
+def _set_up(spec: TrainSpec, session: WorkerSession) -> _Training:
+    """Model, loss, optimiser, loaders and schedule of this rank, resumed from the session's
+    checkpoint when there is one, the model prepared by the session (and compiled if asked)."""
+    device = session.device
+    loss_fn = build_objective(spec.loss).to(device)
+    model = build_model_for(spec)
+    channels_last = use_channels_last(device, model)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else None)
+    optimizer = build_optimizer(model, **spec.optim.model_dump())
+    loader, val_loader = _build_loaders(spec, session)
     schedule = spec.schedule.model_dump()
     scheduler = build_scheduler(
         optimizer,
         name=schedule.pop("name"),
         epochs=spec.epochs,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=loader.steps_per_epoch,  # the one formula: the data pipeline's
         **schedule,
     )
-
     state = TrainingState(epoch=0, best_metric=None, best_epoch=None)
     resumed_from: int | None = None
     with session.resume_directory() as directory:
         if directory is not None:
             state = load_training_state(
-                directory, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank
+                directory, model=model, optimizer=optimizer, scheduler=scheduler, rank=session.rank
             )
             resumed_from = state.epoch
     model = session.prepare_model(model)
     if spec.model.compile:
-        model = torch.compile(model)
-    metrics_log = None
-    if rank == 0:  # the only writer of metrics.jsonl
-        metrics_log = MetricsLog(join(run_dir, "metrics.jsonl"), keep_through_epoch=state.epoch)
-    select, mode = spec.metrics.select, spec.metrics.mode
-    ks = sorted(set(spec.metrics.ks))
-    amp = spec.amp and device.type == "cuda"
+        model = torch.compile(model)  # type: ignore[assignment]
+    return _Training(
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        val_loader=val_loader,
+        channels_last=channels_last,
+        amp=spec.amp and device.type == "cuda",
+        state=state,
+        resumed_from=resumed_from,
+    )
 
-    for epoch in range(state.epoch + 1, spec.epochs + 1):
-        _maybe_inject_fault(rank, epoch)
-        loader.set_epoch(epoch)
-        generator = torch.Generator(device=device).manual_seed(_noise_seed(spec.seed, rank, epoch))
-        stats = train_one_epoch(
-            model,
-            loader,
-            loss_fn,
-            optimizer,
-            scheduler,
+
+def _run_epoch(spec: TrainSpec, session: WorkerSession, run: _Training, epoch: int) -> dict:
+    """Train and evaluate epoch `epoch`; returns its metrics.jsonl record."""
+    device = session.device
+    run.loader.set_epoch(epoch)
+    generator = torch.Generator(device=device).manual_seed(
+        _noise_seed(spec.seed, session.rank, epoch)
+    )
+    stats = train_one_epoch(
+        run.model,
+        run.loader,
+        run.loss_fn.for_epoch(epoch),  # cross-entropy in the loss's warm-up epochs
+        run.optimizer,
+        run.scheduler,
+        device=device,
+        generator=generator,
+        amp=run.amp,
+        channels_last=run.channels_last,
+    )
+    metrics: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": stats.train_loss,
+        "samples": stats.samples,
+        "skipped": _sum_across_ranks(run.loader.stats.skipped_total, device),
+        "samples_per_second": stats.samples_per_second,
+        "epoch_seconds": stats.seconds,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "resumed_from_epoch": run.resumed_from,
+    }
+    if run.val_loader is not None:
+        counts = evaluate(
+            run.model,
+            run.val_loader,
+            sorted(set(spec.metrics.ks)),
+            spec.data.num_classes,
             device=device,
-            generator=generator,
-            amp=amp,
-            channels_last=channels_last,
+            amp=run.amp,
+            channels_last=run.channels_last,
         )
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": stats.train_loss,
-            "samples": stats.samples,
-            "skipped": _sum_across_ranks(_skipped_samples(loader), device),
-            "samples_per_second": stats.samples_per_second,
-            "epoch_seconds": stats.seconds,
-            "lr": optimizer.param_groups[0]["lr"],
-            "resumed_from_epoch": resumed_from,
-        }
-        if val_loader is not None:
-            counts = evaluate(
-                model,
-                val_loader,
-                ks,
-                spec.data.num_classes,
-                device=device,
-                amp=amp,
-                channels_last=channels_last,
-            )
-            for k in ks:
-                metrics[f"val_top{k}"] = counts.accuracy(k)
-                metrics[f"val_macro_top{k}"] = counts.macro_accuracy(k)
-        metrics["time"] = time.time()
+        metrics.update(counts.to_metrics(VAL_PREFIX))
+        metrics.update(collapse_metrics(counts, spec.metrics.collapse_share))
+        if session.rank == 0:
+            print_warning(metrics, spec.metrics.collapse_share)
+    metrics["time"] = time.time()
+    return metrics
 
-        value = metrics.get(select)
-        if isinstance(value, (int, float)):
-            improved = state.best_metric is None or (
-                value > state.best_metric if mode == "max" else value < state.best_metric
+
+def _record_best(state: TrainingState, metrics: dict[str, Any], spec: TrainSpec) -> None:
+    """Move the state's best epoch to this one when its selection metric is better."""
+    select = spec.metrics.select
+    candidates = [metrics]
+    if state.best_epoch is not None:  # the best so far comes first: it wins a tie
+        candidates.insert(0, {"epoch": state.best_epoch, select: state.best_metric})
+    best = best_by_metric(candidates, select, spec.metrics.mode)
+    if best is not None:
+        state.best_metric, state.best_epoch = float(best[select]), best["epoch"]
+
+
+def _checkpoint_and_report(session: WorkerSession, run: _Training, metrics: dict) -> None:
+    """Write this rank's part of the epoch's checkpoint (rank 0: the training state; every
+    rank: its RNG state) and report it with the epoch's metrics."""
+    with tempfile.TemporaryDirectory(prefix="topk-ckpt-") as directory:
+        if session.rank == 0:
+            save_training_state(
+                directory,
+                model=run.model,
+                optimizer=run.optimizer,
+                scheduler=run.scheduler,
+                state=run.state,
             )
-            if improved:
-                state.best_metric, state.best_epoch = float(value), epoch
-        state.epoch = epoch
+        save_rng_state(directory, session.rank)
+        # Ray keeps None out of checkpoint scoring; report only numbers.
+        reported = {key: value for key, value in metrics.items() if value is not None}
+        session.report(reported, directory, metrics["epoch"])
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: {"spec": TrainSpec as a JSON dict, "run_dir": URL of
+    ROOT/RUN}. The spec is validated again here: the worker trusts nothing it is sent."""
+    run_loop(config, RayTrainSession())
+
+
+def run_loop(config: dict[str, Any], session: WorkerSession) -> None:
+    """The training loop of one rank, whatever runs it (see the module docstring). `config` as
+    for `train_loop_per_worker`; the spec's class counts are already resolved (the driver
+    resolved them once, at start-up)."""
+    spec = TrainSpec.model_validate(config["spec"])
+    _seed_everything(spec.seed * 1000 + session.rank)
+    run = _set_up(spec, session)
+    metrics_log = None
+    if session.rank == 0:  # the only writer of metrics.jsonl
+        metrics_log = MetricsLog(
+            join(config["run_dir"], "metrics.jsonl"), keep_through_epoch=run.state.epoch
+        )
+    for epoch in range(run.state.epoch + 1, spec.epochs + 1):
+        _maybe_inject_fault(session.rank, epoch)
+        metrics = _run_epoch(spec, session, run, epoch)
+        _record_best(run.state, metrics, spec)
+        run.state.epoch = epoch
         if metrics_log is not None:
             metrics_log.append(metrics)
-
-        with tempfile.TemporaryDirectory(prefix="topk-ckpt-") as directory:
-            if rank == 0:
-                save_training_state(
-                    directory, model=model, optimizer=optimizer, scheduler=scheduler, state=state
-                )
-            save_rng_state(directory, rank)
-            # Ray keeps None out of checkpoint scoring; report only numbers.
-            reported = {key: val for key, val in metrics.items() if val is not None}
-            session.report(reported, directory, epoch)
+        _checkpoint_and_report(session, run, metrics)

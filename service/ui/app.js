@@ -38,6 +38,11 @@ function svg(tag, attrs, ...children) {
   return build(document.createElementNS(SVG_NS, tag), attrs, children);
 }
 
+// A page section under its title.
+function titledSection(title, ...children) {
+  return el("section", null, el("h2", null, title), ...children);
+}
+
 function $(id) {
   return document.getElementById(id);
 }
@@ -278,55 +283,47 @@ function jobsTable(rows) {
       " or POST /v1/jobs.",
     );
   }
-  return el(
-    "table",
-    { id: "jobs", class: "grid" },
-    el(
-      "thead",
-      null,
-      el(
+  const columns = ["Job", "Kind", "Status", "Epoch", "Loss", "Best metric", "Submitted"];
+  return gridTable(
+    "jobs",
+    columns,
+    rows.map((record) => {
+      const summary = summarize(record);
+      return el(
         "tr",
-        null,
-        ["Job", "Kind", "Status", "Epoch", "Loss", "Best metric", "Submitted"].map((name) =>
-          el("th", { scope: "col" }, name),
+        { "data-id": record.id },
+        el(
+          "td",
+          null,
+          pageLink(record, record.name || record.id),
+          el("div", { class: "muted small" }, record.id),
         ),
-      ),
-    ),
-    el(
-      "tbody",
-      null,
-      rows.map((record) => {
-        const summary = summarize(record);
-        return el(
-          "tr",
-          { "data-id": record.id },
-          el(
-            "td",
-            null,
-            pageLink(record, record.name || record.id),
-            el("div", { class: "muted small" }, record.id),
-          ),
-          el("td", null, record.kind === "sweep" ? "sweep" : "train"),
-          el(
-            "td",
-            null,
-            statusBadge(record.status),
-            record.status_reason
-              ? el(
-                  "div",
-                  { class: "muted small reason", title: record.status_reason },
-                  record.status_reason,
-                )
-              : null,
-          ),
-          el("td", { class: "num" }, formatCount(summary.epoch)),
-          el("td", { class: "num", "data-field": "loss" }, formatNumber(summary.loss)),
-          el("td", { "data-field": "best" }, summary.best),
-          el("td", null, formatTime(record.created_at)),
-        );
-      }),
-    ),
+        el("td", null, record.kind === "sweep" ? "sweep" : "train"),
+        el(
+          "td",
+          null,
+          statusBadge(record.status),
+          record.status_reason
+            ? el(
+                "div",
+                { class: "muted small reason", title: record.status_reason },
+                record.status_reason,
+              )
+            : null,
+        ),
+        el("td", { class: "num" }, formatCount(summary.epoch)),
+        el("td", { class: "num", "data-field": "loss" }, formatNumber(summary.loss)),
+        el("td", { "data-field": "best" }, summary.best),
+        el("td", null, formatTime(record.created_at)),
+      );
+    }),
   );
+}
+
+// A table of class "grid" with this id: a header row of column names, then `rows` (tr elements).
+function gridTable(id, columns, rows) {
+  const head = el("tr", null, columns.map((name) => el("th", { scope: "col" }, name)));
+  return el("table", { id, class: "grid" }, el("thead", null, head), el("tbody", null, rows));
 }
 
 // Epoch, training loss and the best metric of a job or a sweep record (a sweep: its best trial).
@@ -490,10 +487,8 @@ function header(record) {
 
 function eventsSection(record) {
   const events = record.events || [];
-  return el(
-    "section",
-    null,
-    el("h2", null, "Status history"),
+  return titledSection(
+    "Status history",
     el(
       "ol",
       { id: "events", class: "events" },
@@ -533,7 +528,7 @@ function renderJob(record, epochs) {
     accuracy.push(seriesOf(epochs, `val_top${k}`, `validation top-${k}`));
   }
   accuracy.push(seriesOf(epochs, `val_macro_top${k}`, `validation macro top-${k}`));
-  const curves = el("section", null, el("h2", null, "Curves per epoch"));
+  const curves = titledSection("Curves per epoch");
   if (epochs.length === 0) {
     curves.append(el("p", { class: "muted" }, "No epoch has finished yet."));
   } else {
@@ -557,12 +552,7 @@ function renderJob(record, epochs) {
   }
   const result =
     record.result && record.result.error
-      ? el(
-          "section",
-          null,
-          el("h2", null, "Error"),
-          el("pre", { class: "error" }, record.result.error),
-        )
+      ? titledSection("Error", el("pre", { class: "error" }, record.result.error))
       : null;
   return [...header(record), curves, result, eventsSection(record)];
 }
@@ -589,50 +579,35 @@ function renderSweep(record, curves) {
     ...new Set(trials.flatMap((trial) => Object.keys((trial && trial.params) || {}))),
   ].sort();
   const table = trials.length
-    ? el(
-        "table",
-        { id: "trials", class: "grid" },
-        el(
-          "thead",
-          null,
-          el(
+    ? gridTable(
+        "trials",
+        ["Trial", "Status", ...paths, metric, "Train loss", "Epochs"],
+        trials.map((trial) => {
+          const metrics = trial.metrics || {};
+          const isBest = best !== null && trial === best;
+          return el(
             "tr",
-            null,
-            ["Trial", "Status", ...paths, metric, "Train loss", "Epochs"].map((name) =>
-              el("th", { scope: "col" }, name),
+            { "data-trial": trial.trial_id, class: isBest ? "best" : null },
+            el(
+              "td",
+              null,
+              String(trial.trial_id),
+              isBest ? el("span", { class: "tag" }, "best") : null,
             ),
-          ),
-        ),
-        el(
-          "tbody",
-          null,
-          trials.map((trial) => {
-            const metrics = trial.metrics || {};
-            const isBest = best !== null && trial === best;
-            return el(
-              "tr",
-              { "data-trial": trial.trial_id, class: isBest ? "best" : null },
-              el(
-                "td",
-                null,
-                String(trial.trial_id),
-                isBest ? el("span", { class: "tag" }, "best") : null,
-              ),
-              el(
-                "td",
-                null,
-                String(trial.status || "—"),
-                trial.error ? el("div", { class: "error small" }, trial.error) : null,
-              ),
-              paths.map((path) =>
-                el("td", { class: "num" }, formatParam((trial.params || {})[path])),
-              ),
-              el("td", { class: "num" }, formatNumber(metrics[metric])),
-              el("td", { class: "num" }, formatNumber(metrics.train_loss)),
-              el("td", { class: "num" }, formatCount(metrics.epoch)),
-            );
-          }),
-        ),
+            el(
+              "td",
+              null,
+              String(trial.status || "—"),
+              trial.error ? el("div", { class: "error small" }, trial.error) : null,
+            ),
+            paths.map((path) =>
+              el("td", { class: "num" }, formatParam((trial.params || {})[path])),
+            ),
+            el("td", { class: "num" }, formatNumber(metrics[metric])),
+            el("td", { class: "num" }, formatNumber(metrics.train_loss)),
+            el("td", { class: "num" }, formatCount(metrics.epoch)),
+          );
+        }),
       )
     : el(
         "p",
@@ -641,13 +616,11 @@ function renderSweep(record, curves) {
           ? "This sweep wrote no trial table."
           : "The trial table appears when the first trial starts.",
       );
-  const sections = [...header(record), el("section", null, el("h2", null, "Trials"), table)];
+  const sections = [...header(record), titledSection("Trials", table)];
   if (record.best_params) {
     sections.push(
-      el(
-        "section",
-        null,
-        el("h2", null, "Best parameters"),
+      titledSection(
+        "Best parameters",
         el(
           "dl",
           { id: "best-params", class: "facts" },
@@ -671,10 +644,8 @@ function renderSweep(record, curves) {
     const note =
       trials.length > curves.length ? ` (the ${curves.length} best of ${trials.length})` : "";
     sections.push(
-      el(
-        "section",
-        null,
-        el("h2", null, `Trial curves${note}`),
+      titledSection(
+        `Trial curves${note}`,
         el(
           "div",
           { class: "charts" },

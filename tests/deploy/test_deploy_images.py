@@ -279,7 +279,8 @@ exec(sys.argv[2])
 print("ok")
 """
 API_IMAGE_CODE = (
-    "import service.app, service.cli, jobs.contract.train, jobs.contract.sweep\nservice.cli.build_parser()"
+    "import service.api, service.cli, jobs.contract.train, jobs.contract.sweep\n"
+    "service.cli.build_parser()"
 )
 
 

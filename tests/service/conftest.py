@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from service_harness import FAKE_JOB, Serve, ServerProcess, postgres_database
 
-from service.db import Store
 from service.local_ray import LocalRayHead
+from service.store import Store
 
 
 @pytest.fixture(scope="session")

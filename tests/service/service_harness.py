@@ -25,7 +25,7 @@ TINY_DATA = Path(tempfile.gettempdir()) / "topk-tiny-data"
 
 
 class ServerProcess:
-    """`uvicorn --factory service.app:create_app` in a subprocess, configured by TOPK_* env."""
+    """`uvicorn --factory service.api:create_app` in a subprocess, configured by TOPK_* env."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
         self.env = env
@@ -40,7 +40,7 @@ class ServerProcess:
         env.update(extra_env or {})
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+                [sys.executable, "-m", "uvicorn", "--factory", "service.api:create_app",
                  "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -183,7 +183,7 @@ class Serve:
 
 def token_for(server: Serve, owner: str = "alice") -> str:
     """A new token for `owner` in the database of `topk serve`'s data dir."""
-    from service.db import Store
+    from service.store import Store
 
     store = Store.from_url(f"sqlite:///{server.data_dir / 'topk.db'}")
     try:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from service_harness import ServerProcess, client_for, tiny_spec
 
-from service.db import Store
+from service.store import Store
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

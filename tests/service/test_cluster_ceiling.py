@@ -13,7 +13,7 @@ def ceiling(tmp_path_factory):
     """(server, token) of a hold-mode server whose cluster can grow to 8 CPUs and 2 GPUs."""
     from service_harness import ServerProcess
 
-    from service.db import Store
+    from service.store import Store
 
     data_dir = tmp_path_factory.mktemp("ceiling")
     env = {

@@ -9,7 +9,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from service_harness import ServerProcess
 
-from service.db import Store
+from service.store import Store
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,21 @@ import asyncio
 
 import pytest
 
-from service import db
+from service.job_status import QUEUED
 from service.job_writer import JobWriter, WriterStopped
+from service.store import IdempotencyConflict, NewJob, Store
 
 
 @pytest.fixture
 def store(tmp_path):
-    store = db.Store.from_url(f"sqlite:///{tmp_path / 'topk.db'}")
+    store = Store.from_url(f"sqlite:///{tmp_path / 'topk.db'}")
     store.migrate()
     yield store
     store.close()
 
 
-def submission(owner_id: int, key: str | None = None, epochs: int = 1) -> db.NewJob:
-    return db.NewJob(
+def submission(owner_id: int, key: str | None = None, epochs: int = 1) -> NewJob:
+    return NewJob(
         kind="train", owner_id=owner_id, spec={"epochs": epochs}, storage_root="/tmp/runs",
         requested_cpus=1.0, requested_gpus=0.0, idempotency_key=key,
     )  # fmt: skip
@@ -47,7 +48,7 @@ def test_concurrent_submissions_share_transactions_and_are_committed_when_answer
     assert [job.spec["epochs"] for job, _ in outcomes] == list(range(1, 201))
     assert all(created for _, created in outcomes)
     assert writer.jobs == 200 and writer.batches < 200
-    assert store.count_by_status()[db.QUEUED] == 200
+    assert store.count_by_status()[QUEUED] == 200
 
 
 def test_each_submission_gets_its_own_outcome(store):
@@ -70,7 +71,7 @@ def test_each_submission_gets_its_own_outcome(store):
         writer.stop()
     assert plain[1] is True and plain[0].id != first.id
     assert same == (first, False)
-    assert isinstance(conflict, db.IdempotencyConflict) and conflict.job_id == first.id
+    assert isinstance(conflict, IdempotencyConflict) and conflict.job_id == first.id
 
 
 def test_a_stopped_writer_refuses_new_submissions(store):

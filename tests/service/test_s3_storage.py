@@ -14,8 +14,8 @@ import pytest
 from service_harness import ServerProcess, client_for, tiny_spec
 
 from service import run_storage
-from service.db import Store
 from service.local_ray import free_port
+from service.store import Store
 
 
 @pytest.fixture(scope="module")

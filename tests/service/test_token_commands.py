@@ -17,7 +17,7 @@ import pytest
 import yaml
 from service_harness import client_for, postgres_database, tiny_spec
 
-from service.db import hash_token
+from service.store import hash_token
 
 TOPK = Path(sys.executable).with_name("topk")
 

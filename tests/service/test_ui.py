@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 from service_harness import FAKE_JOB, REPO, ServerProcess, client_for, tiny_spec
 
-from service.db import Store
+from service.store import Store
 
 SCREENSHOT = REPO / "docs" / "ui-job-page.png"
 POLL_S = 3  # app.js: POLL_MS

@@ -76,6 +76,14 @@ def test_ldam_matches_formula(batch):
     assert loss.item() == pytest.approx(_mean_nll(rows, labels.tolist()), rel=1e-6)
 
 
+def test_ldam_without_margins_is_cross_entropy_on_scaled_cosines(batch):
+    """max_m = 0: the cosine-head control of the experiments (cross-entropy, cosine head)."""
+    cosines, labels = batch[0].tanh(), batch[1]
+    loss = LDAMLoss(max_m=0.0, scale=30.0, class_counts=[4, 1, 0, 2, 9])(cosines, labels)
+    expected = CrossEntropyLoss()(30.0 * cosines, labels)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_logit_adjusted_matches_formula(batch):
     scores, labels = batch
     counts = [40, 0, 10, 5, 45]
@@ -103,7 +111,7 @@ def test_logit_adjusted_tau_zero_is_cross_entropy(batch):
         (FocalLoss, {"gamma": -1.0}, "gamma"),
         (LDAMLoss, {"class_counts": None}, "class_counts"),
         (LDAMLoss, {"class_counts": [3, -1]}, "class_counts"),
-        (LDAMLoss, {"class_counts": [2, 3], "max_m": 0.0}, "max_m"),
+        (LDAMLoss, {"class_counts": [2, 3], "max_m": -0.1}, "max_m"),
         (LDAMLoss, {"class_counts": [2, 3], "scale": float("nan")}, "scale"),
         (LogitAdjustedLoss, {"class_counts": [0, 0]}, "class_counts"),
         (LogitAdjustedLoss, {"class_counts": [1, 2], "tau": -0.5}, "tau"),

@@ -67,7 +67,9 @@ class LDAMLoss(CheckedLoss):
     scores: cosine similarities in [-1, 1] (a CosineHead); the true class's score is lowered by its
     margin m_y = max_m * (n_min / n_y)^(1/4), everything is multiplied by `scale`, then softmax
     cross-entropy. class_counts: training samples per class (length num_classes, required).
-    Raises ValueError for missing/bad counts, non-positive max_m or scale.
+    max_m = 0 (no margins) is softmax cross-entropy on `scale` times the cosine scores: the
+    cosine-head control of the experiments. Raises ValueError for missing/bad counts, a
+    negative max_m or a non-positive scale.
     """
 
     needs_cosine_head = True
@@ -84,7 +86,7 @@ class LDAMLoss(CheckedLoss):
         class_counts: list[int] | None = None,
     ) -> None:
         super().__init__()
-        self.max_m = check_positive_float("max_m", max_m)
+        self.max_m = check_positive_float("max_m", max_m, allow_zero=True)
         self.scale = check_positive_float("scale", scale)
         counts = check_class_counts("class_counts", class_counts)
         self.num_classes = counts.numel()

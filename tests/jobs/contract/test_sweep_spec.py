@@ -83,7 +83,8 @@ def test_searched_paths_must_exist_in_the_training_spec():
         "search.optim.learning_rate: not a field of the training spec "
         "(optim has: name, lr, momentum, weight_decay, nesterov)",
         "search.loss.max_m: not a field of the training spec "
-        "(loss 'noised_topk' has: name, k, epsilon, n_samples, sampler)",
+        "(loss 'noised_topk' has: name, k, epsilon, n_samples, sampler, ce_warmup_epochs, "
+        "ce_weight)",
         "search.epochs.x: not a field of the training spec (epochs has no fields)",
     ]
 

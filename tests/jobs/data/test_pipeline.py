@@ -20,13 +20,9 @@ from reference_data import ID_CLASSES, ID_IMAGE_SIZE, ids_from_batch
 
 from jobs.contract.data import AugmentSpec, DataSpec
 from jobs.contract.dataset_info import read_dataset_info
-from jobs.data.pipeline import (
-    DataPipelineError,
-    build_eval_loader,
-    build_train_loader,
-    decode_image,
-    plan_readers,
-)
+from jobs.data.image_decode import decode_image
+from jobs.data.pipeline import DataPipelineError, build_eval_loader, build_train_loader
+from jobs.data.shards import plan_readers
 
 IDENTITY = {"random_resized_crop": False, "hflip": False, "mean": [0.0], "std": [1.0]}
 
@@ -47,7 +43,7 @@ def id_spec(dataset, **overrides) -> DataSpec:
 
 def val_ids(dataset) -> list[int]:
     """The ids of the val split, read straight from the shards (not through the pipeline)."""
-    from jobs.data.shard_format import read_shard_records
+    from jobs.data.shard_reader import read_shard_records
 
     info = read_dataset_info(str(dataset))
     ids = []

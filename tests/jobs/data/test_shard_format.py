@@ -17,13 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_data import id_image, png_bytes, tar_bytes
 
-from jobs.data.shard_format import (
-    BadRecord,
-    RawSample,
-    ShardWriter,
-    read_shard_records,
-    split_member_name,
-)
+from jobs.data.shard_format import BadRecord, RawSample, split_member_name
+from jobs.data.shard_reader import read_shard_records
+from jobs.data.shard_writer import ShardWriter
 
 
 def read(data: bytes, **options) -> list[RawSample | BadRecord]:

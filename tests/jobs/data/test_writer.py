@@ -20,7 +20,8 @@ from reference_data import (
 )
 
 from jobs.contract.dataset_info import read_dataset_info
-from jobs.data.shard_format import RawSample, read_shard_records
+from jobs.data.shard_format import RawSample
+from jobs.data.shard_reader import read_shard_records
 from jobs.data.sources import ImageSource
 from jobs.data.writer import build_shards, long_tail_counts
 from service.cli import main as topk_main

@@ -16,19 +16,14 @@ import torch
 import yaml
 
 from jobs.experiment.config import load_config
-from jobs.experiment.runner import (
-    RECORD_FILE,
-    RunProcesses,
-    default_concurrency,
-    run_experiment,
-)
+from jobs.experiment.processes import RunProcesses
+from jobs.experiment.runner import default_concurrency, run_experiment
+from jobs.experiment.train_and_test import RECORD_FILE
 from jobs.training.device import DEVICE_ENV
 from jobs.training.worker import FAULT_INJECTION_ENV
 
 REPO = Path(__file__).resolve().parents[3]
-OMNIGLOT_ZIP = Path("/work/shared/data/omniglot/images_background_small1.zip")
 TOPK = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())"]
-needs_omniglot = pytest.mark.skipif(not OMNIGLOT_ZIP.is_file(), reason="no Omniglot here")
 # Where the runs of this machine train when nothing says otherwise.
 AUTO_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -49,8 +44,9 @@ sys.meta_path.insert(0, _NoRay())
 """
 
 
-def _config_file(tmp_path: Path, **overrides) -> Path:
-    """Two one-epoch cross-entropy runs (seeds 0 and 1) on a few Omniglot classes."""
+def _config_file(tmp_path: Path, source: str = "omniglot.zip", **overrides) -> Path:
+    """Two one-epoch cross-entropy runs (seeds 0 and 1) on a few Omniglot classes; `source`
+    matters only where the grid is built."""
     config = {
         "name": "procs",
         "seeds": [0, 1],
@@ -73,7 +69,7 @@ def _config_file(tmp_path: Path, **overrides) -> Path:
             {
                 "name": "omni",
                 "study": "long_tail",
-                "source": str(OMNIGLOT_ZIP),
+                "source": source,
                 "k": 3,
                 "val_fraction": 0.2,
                 "test_fraction": 0.2,
@@ -133,8 +129,7 @@ def _result(processes: RunProcesses) -> tuple[str, int]:
     return run_id, future.result()
 
 
-@needs_omniglot
-def test_a_grid_runs_where_ray_cannot_be_imported(tmp_path):
+def test_a_grid_runs_where_ray_cannot_be_imported(tmp_path, omniglot_zip):
     site = tmp_path / "no-ray"
     site.mkdir()
     (site / "sitecustomize.py").write_text(NO_RAY)
@@ -145,7 +140,7 @@ def test_a_grid_runs_where_ray_cannot_be_imported(tmp_path):
     assert blocked.returncode == 1 and "Ray is blocked" in blocked.stderr
 
     out, report = tmp_path / "out", tmp_path / "docs" / "results.md"
-    config = _config_file(tmp_path, concurrency=1)  # the flag overrides it
+    config = _config_file(tmp_path, str(omniglot_zip), concurrency=1)  # the flag overrides it
     command = [*TOPK, "experiment", str(config), "--out", str(out), "--report", str(report)]
     done = subprocess.run(
         [*command, "--concurrency", "2"],
@@ -173,14 +168,15 @@ def test_a_grid_runs_where_ray_cannot_be_imported(tmp_path):
     assert "--concurrency 2" in text  # the command to regenerate it
 
 
-@needs_omniglot
-def test_a_run_whose_process_dies_fails_alone_and_is_retried_next_time(tmp_path, monkeypatch):
+def test_a_run_whose_process_dies_fails_alone_and_is_retried_next_time(
+    tmp_path, monkeypatch, omniglot_zip
+):
     marker = tmp_path / "kill-once"
     marker.touch()
     # the first run's process SIGKILLs itself as its epoch 1 starts (once: the marker goes)
     monkeypatch.setenv(FAULT_INJECTION_ENV, f"0:1:{marker}")
     monkeypatch.delenv(DEVICE_ENV, raising=False)
-    config = load_config(_config_file(tmp_path, concurrency=1))
+    config = load_config(_config_file(tmp_path, str(omniglot_zip), concurrency=1))
     out = tmp_path / "out"
     lines: list[str] = []
     plan, records = run_experiment(config, out, log=lines.append)

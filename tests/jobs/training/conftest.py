@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-OMNIGLOT_ZIP = Path("/work/shared/data/omniglot/images_background_small1.zip")
 SUBSET_CLASSES = 30
 IMAGE_SIZE = 28
 
@@ -31,15 +30,15 @@ def ray_cluster():
         ray.shutdown()
 
 
-def _omniglot_subset():
+def _omniglot_subset(omniglot_zip: Path):
     """Omniglot's first SUBSET_CLASSES characters as 28x28 grey arrays (antialiased)."""
     from PIL import Image
 
     from jobs.data.sources import ImageSource, zip_source
 
-    full = zip_source(str(OMNIGLOT_ZIP))
+    full = zip_source(str(omniglot_zip))
     keep = np.flatnonzero(full.labels < SUBSET_CLASSES)
-    archive = zipfile.ZipFile(OMNIGLOT_ZIP)
+    archive = zipfile.ZipFile(omniglot_zip)
 
     def load(i: int) -> np.ndarray:
         data = archive.read(full.names[keep[i]])
@@ -56,15 +55,13 @@ def _omniglot_subset():
 
 
 @pytest.fixture(scope="session")
-def omniglot_dataset(tmp_path_factory) -> str:
+def omniglot_dataset(tmp_path_factory, omniglot_zip) -> str:
     """URL of dataset.json for 30 Omniglot classes: 15 train and 5 val images per class."""
-    if not OMNIGLOT_ZIP.is_file():
-        pytest.skip(f"{OMNIGLOT_ZIP} is not on this machine")
     from jobs.data.writer import build_shards
 
     out = tmp_path_factory.mktemp("omniglot-shards")
     summary = build_shards(
-        _omniglot_subset(),
+        _omniglot_subset(omniglot_zip),
         str(out),
         seed=0,
         val_fraction=0.25,
@@ -102,7 +99,7 @@ def make_omniglot_spec(dataset_url: str, **overrides) -> dict:
         "batch_size": 32,
         "metrics": {"ks": [1, 5], "select": "val_top5", "mode": "max"},
         "scaling": {"num_workers": 2},
-        "checkpoint": {"keep_last": 1},
+        "checkpoint": {"keep_best": 1},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(spec.get(key), dict):

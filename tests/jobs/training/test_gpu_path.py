@@ -22,7 +22,7 @@ from jobs.training.loop import (
     use_channels_last,
 )
 from jobs.training.run import run_training_in_process, scaling_config, torch_backend
-from jobs.training.worker import LocalSession
+from jobs.training.session import LocalSession
 from topk.metrics import topk_counts
 
 

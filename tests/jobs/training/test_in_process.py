@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from jobs.contract.run_files import read_metrics
-from jobs.contract.train import TrainSpec
+from jobs.contract.train import SpecError, TrainSpec, reported_metrics
 from jobs.training.run import run_training, run_training_in_process
-from jobs.training.worker import LocalSession
+from jobs.training.session import LocalSession
 
 
 def _small_spec(omniglot_spec, dataset_url, **overrides) -> TrainSpec:
@@ -51,6 +51,8 @@ def test_in_process_run_matches_the_ray_train_run(
     assert local["best_epoch"] == via_ray["best_epoch"]
     result = json.loads((tmp_path / "local-run" / "result.json").read_text())
     assert result["best"]["val_top5"] == local_history[local["best_epoch"] - 1]["val_top5"]
+    # the names the spec's validation lets metrics.select choose from are the ones reported
+    assert set(reported_metrics(spec.metrics.ks, has_val=True)) <= set(local_history[0])
 
 
 def test_in_process_run_resumes_and_keeps_best_and_latest(
@@ -114,6 +116,21 @@ def test_in_process_training_refuses_what_it_cannot_run(omniglot_dataset, omnigl
         with pytest.raises(ValueError, match="^device=cuda asks for a GPU"):
             run_training_in_process(single, "run", storage=str(tmp_path), device="cuda")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_spec_with_unresolved_class_counts_is_refused_before_anything_is_written(
+    omniglot_spec, tmp_path
+):
+    """The process that starts a run resolves its spec once (jobs.cli.load_spec, the experiment
+    runner); the launchers take it as it is and refuse one left unresolved."""
+    raw = omniglot_spec(str(tmp_path / "data" / "dataset.json"), scaling={"num_workers": 1})
+    raw["loss"] = {"name": "ldam"}
+    spec = TrainSpec.model_validate(raw)
+    with pytest.raises(SpecError, match="^loss.class_counts: loss 'ldam' needs class counts"):
+        run_training_in_process(spec, "run", storage=str(tmp_path / "runs"))
+    with pytest.raises(SpecError, match="^loss.class_counts"):
+        run_training(spec, "run", storage=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs" / "run").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -21,8 +21,9 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
-UI_DIR = Path(__file__).with_name("ui")
-SWAGGER_DIR = Path(__file__).with_name("swagger_ui")
+_PACKAGE = Path(__file__).resolve().parents[1]  # service/
+UI_DIR = _PACKAGE / "ui"
+SWAGGER_DIR = _PACKAGE / "swagger_ui"
 
 # Only these files are served, by name: no directory listing, no path taken from the URL.
 _UI_FILES = {

@@ -1,0 +1,128 @@
+"""Batch assembly in a loader worker, one class per data.decode choice.
+
+A batcher takes good samples one at a time (`add`, which raises for an image it cannot use: the
+stream counts it as bad_image) and hands out a batch as a dict of arrays (`emit`), which crosses
+to the rank's process through the DataLoader:
+
+- `PixelBatcher` (data.decode "cpu"): decodes, crops, resizes and flips each image with PIL
+  and emits normalised float32 images [n, C, S, S] (`images`) and int64 labels (`labels`);
+- `JpegBatcher` (data.decode "device"): reads each JPEG's header only, picks the same view as
+  the CPU path, and emits the bytes back to back (`jpeg`, `lengths`), the views (`boxes`,
+  `flips`), the sample keys and the labels; `jobs.data.device_decode.JpegBatch` decodes them on
+  the training device.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.contract.data import AugmentSpec
+from jobs.data.image_decode import JPEG_EXTENSIONS, choose_view, decode_image, jpeg_geometry
+from jobs.data.shard_format import RawSample
+
+
+class NotJpegError(ValueError):
+    """data.decode "device" met an image that is not a JPEG: the shards do not suit it."""
+
+
+def normalisation(augment: AugmentSpec, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per channel, float32 [channels]: (x / 255 - mean) / std == x * scale -
+    shift for uint8 pixels x."""
+    mean = np.broadcast_to(np.asarray(augment.mean, np.float32), (channels,))
+    std = np.broadcast_to(np.asarray(augment.std, np.float32), (channels,))
+    return (1.0 / (255.0 * std)).astype(np.float32), (mean / std).astype(np.float32)
+
+
+class PixelBatcher:
+    """Decoded, normalised images: uint8 pixels gathered in place, normalised once per batch."""
+
+    def __init__(
+        self, *, batch_size: int, size: int, channels: int, train: bool, augment: AugmentSpec
+    ) -> None:
+        self.batch_size, self.size, self.channels = batch_size, size, channels
+        self.train, self.augment = train, augment
+        shape = (batch_size, size, size) + ((3,) if channels == 3 else ())
+        self._images = np.empty(shape, dtype=np.uint8)
+        self._labels = np.empty(batch_size, dtype=np.int64)
+        scale, shift = normalisation(augment, channels)
+        self._scale, self._shift = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
+        self.count = 0
+
+    def add(self, sample: RawSample, rng: random.Random) -> None:
+        self._images[self.count] = decode_image(
+            sample.image,
+            image_ext=sample.image_ext,
+            size=self.size,
+            channels=self.channels,
+            train=self.train,
+            augment=self.augment,
+            rng=rng,
+        )
+        self._labels[self.count] = sample.label
+        self.count += 1
+
+    def emit(self, tensors: bool) -> dict[str, Any]:
+        """The batch so far (then empty): arrays, or tensors when `tensors` (to be pinned)."""
+        # Normalise here with NumPy: one pass, in the worker process, and no intra-op thread
+        # pool (torch's spins for milliseconds per op on a busy machine).
+        pixels = self._images[: self.count]
+        pixels = pixels[:, None] if self.channels == 1 else pixels.transpose(0, 3, 1, 2)
+        images = np.multiply(pixels, self._scale, dtype=np.float32)
+        images -= self._shift
+        labels = self._labels[: self.count].copy()
+        self.count = 0
+        # NumPy arrays, not tensors: they cross to the main process pickled through the worker's
+        # pipe, which for batches this size is cheaper than a new shared-memory segment per
+        # tensor (measured: 1 worker went from ~0.77 to ~0.9 of the in-process rate). The main
+        # process wraps them without a copy. A GPU run pins them: shared-memory tensors then.
+        if tensors:
+            return {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
+        return {"images": images, "labels": labels}
+
+
+class JpegBatcher:
+    """JPEG bytes and the view of each image, for decoding on the device in one call."""
+
+    def __init__(self, *, batch_size: int, train: bool, augment: AugmentSpec) -> None:
+        self.batch_size, self.train, self.augment = batch_size, train, augment
+        self._parts: list[bytes] = []
+        self._keys: list[str] = []
+        self._boxes = np.empty((batch_size, 4), dtype=np.int32)
+        self._flips = np.empty(batch_size, dtype=np.bool_)
+        self._labels = np.empty(batch_size, dtype=np.int64)
+        self.count = 0
+
+    def add(self, sample: RawSample, rng: random.Random) -> None:
+        if sample.image_ext not in JPEG_EXTENSIONS:
+            raise NotJpegError(f"sample {sample.key} is a .{sample.image_ext} image")
+        width, height = jpeg_geometry(sample.image)
+        box, flip = choose_view(width, height, train=self.train, augment=self.augment, rng=rng)
+        self._parts.append(sample.image)
+        self._keys.append(sample.key)
+        self._boxes[self.count] = box
+        self._flips[self.count] = flip
+        self._labels[self.count] = sample.label
+        self.count += 1
+
+    def emit(self, tensors: bool) -> dict[str, Any]:
+        """The batch so far (then empty). Only the labels become a tensor when `tensors`: the
+        decoder reads the bytes from ordinary memory, so pinning them would be wasted."""
+        count = self.count
+        labels = self._labels[:count].copy()
+        batch = {
+            # A writable NumPy array: the receiving process wraps it in a tensor without a copy,
+            # and a pinning DataLoader leaves it alone (it would rebuild a bytearray byte by
+            # byte, as a sequence).
+            "jpeg": np.frombuffer(bytearray(b"".join(self._parts)), dtype=np.uint8),
+            "lengths": np.fromiter(map(len, self._parts), dtype=np.int64, count=count),
+            "boxes": self._boxes[:count].copy(),
+            "flips": self._flips[:count].copy(),
+            "keys": self._keys,
+            "labels": torch.from_numpy(labels) if tensors else labels,
+        }
+        self._parts, self._keys, self.count = [], [], 0
+        return batch
