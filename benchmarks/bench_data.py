@@ -23,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from pathlib import Path
 
 from PIL import Image
 from webdataset.tariterators import tar_file_iterator
@@ -33,7 +34,12 @@ from jobs.contract.urls import open_url
 from jobs.data.pipeline import build_train_loader
 from jobs.data.writer import build_shards
 
-OMNIGLOT_ZIP = "/work/shared/data/omniglot/images_background_small1.zip"
+# The machine's shared data: $TOPK_SHARED_DIR, else ../shared next to the repository.
+SHARED_DATA = (
+    Path(os.environ.get("TOPK_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
+    / "data"
+)
+OMNIGLOT_ZIP = str(SHARED_DATA / "omniglot" / "images_background_small1.zip")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 

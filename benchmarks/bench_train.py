@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -31,7 +32,12 @@ LOSSES = {
     "noised_topk_imbalanced": {"k": 5, "epsilon": 0.01, "n_samples": 5},
     "smooth_topk_svm": {"k": 5, "tau": 0.1, "alpha": 1.0},
 }
-OMNIGLOT_ZIP = Path("/work/shared/data/omniglot/images_background_small1.zip")
+# The machine's shared data: $TOPK_SHARED_DIR, else ../shared next to the repository.
+SHARED_DATA = (
+    Path(os.environ.get("TOPK_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
+    / "data"
+)
+OMNIGLOT_ZIP = SHARED_DATA / "omniglot" / "images_background_small1.zip"
 
 
 def _long_tail_counts(num_classes: int) -> list[int]:

@@ -1,29 +1,43 @@
 """The `topk` command line: one argparse tree, each layer adds its own subcommands.
 
-Each module listed in SUBCOMMAND_MODULES exposes `register(subparsers)`; heavy imports (torch,
-ray, fastapi) happen inside the command handlers, never here, so `topk --help` stays fast.
-A handler returns the process exit code.
+The service's commands are its own modules (SERVICE_COMMANDS). The runtime's commands (shards,
+validate, train, sweep, experiment) are found through the package's entry points in the group
+`topk.commands` (pyproject.toml), so the service names no module of the runtime. Each exposes
+`register(subparsers)`; heavy imports (torch, ray, fastapi) happen inside the command handlers,
+never here, so `topk --help` stays fast. A handler returns the process exit code.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 
 from jobs.contract import exit_codes
 from service import package_version
 
-SUBCOMMAND_MODULES = (
-    "jobs.data.cli",  # topk shards build|inspect
-    "jobs.contract.cli",  # topk validate
-    "jobs.cli",  # topk train|sweep (local runs on Ray)
-    "jobs.experiment.cli",  # topk experiment
-    "service.serve_cli",  # topk serve
-    "service.client_cli",  # topk submit|status|logs|cancel|sweeps
-    "service.token_cli",  # topk token create|list|revoke
-    "service.demo",  # topk demo
-)
+COMMAND_GROUP = "topk.commands"
+RUNTIME_ORDER = ("shards", "validate", "train", "experiment")
+"""The order of the runtime's entry points in `topk --help`; others follow by name."""
+
+
+def _service_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from service import client_cli, demo, serve_cli, token_cli
+
+    return [
+        serve_cli.register,  # topk serve
+        client_cli.register,  # topk submit|status|logs|cancel|sweeps
+        token_cli.register,  # topk token create|list|revoke
+        demo.register,  # topk demo
+    ]
+
+
+def _runtime_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """The `register` functions the installed package declares in COMMAND_GROUP."""
+    found = {point.name: point for point in entry_points(group=COMMAND_GROUP)}
+    order = [n for n in RUNTIME_ORDER if n in found] + sorted(set(found) - set(RUNTIME_ORDER))
+    return [found[name].load() for name in order]
 
 
 class _PrintVersion(argparse.Action):
@@ -47,14 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_PrintVersion, help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:  # a real missing dependency, not an absent module
-                raise
-            continue
-        module.register(subparsers)
+    for register in _runtime_commands() + _service_commands():
+        register(subparsers)
     return parser
 
 

@@ -105,13 +105,19 @@ def make_shards(source: Path, out: Path, log=print) -> Path:
     if dataset_json.exists():
         log(f"shards: {out} (already written)")
         return dataset_json
-    from jobs.data.writer import build_shards
-
-    summary = build_shards(
-        str(source), str(out), seed=0, val_fraction=0.2, max_per_class=1500,
-        imbalance_ratio=IMBALANCE_RATIO, class_names=FASHION_MNIST_CLASSES, progress=None,
-    )  # fmt: skip
-    log(summary.format())
+    # The runtime's own command writes them (`topk shards build`, an argument list, no shell):
+    # the service reaches the runtime through its commands and the contract package only.
+    command = [
+        sys.executable, "-m", "service.cli", "shards", "build", str(source), str(out),
+        "--seed", "0", "--val-fraction", "0.2", "--max-per-class", "1500",
+        "--imbalance-ratio", str(IMBALANCE_RATIO),
+        "--class-names", ",".join(FASHION_MNIST_CLASSES), "--quiet",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"writing the demo's shards failed: {reason}")
+    log(done.stdout.strip())
     return dataset_json
 
 

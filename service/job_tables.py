@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobs.contract.selection import best_by_metric
 from service.console import print_rows
 from service.job_status import TERMINAL
 
@@ -95,17 +96,15 @@ def _print_trials(job: dict[str, Any]) -> None:
 def _best_trial(
     trials: list[dict[str, Any]], metric: str, mode: str, *, params: dict | None = None
 ) -> dict[str, Any] | None:
-    """The trial with the best `metric` (among those with `params` when given)."""
-    scored = [
-        t
-        for t in trials
-        if isinstance((t.get("metrics") or {}).get(metric), int | float)
-        and (params is None or t.get("params") == params)
-    ]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda t: t["metrics"][metric])
+    """The trial with the best `metric` (among those with `params` when given), by the rule
+    every layer uses (jobs/contract/selection.py)."""
+    candidates = [t for t in trials if params is None or t.get("params") == params]
+    return best_by_metric(
+        candidates,
+        metric,
+        "max" if mode == "max" else "min",
+        metrics_of=lambda t: t.get("metrics") or {},
+    )
 
 
 def _value_text(value: Any) -> str:

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobs.contract.urls import ALLOWED_PROTOCOLS
+
 LAUNCH_MODES = ("ray", "hold")
 """`ray` launches jobs on Ray; `hold` accepts and records jobs but keeps them queued (used by the
 API benchmark and by API-only tests, so they measure the service and not a cluster)."""
@@ -29,7 +31,8 @@ class Settings:
     ray_address: str | None = None
     ray_dashboard_url: str | None = None  # default: ray_address
     storage_url: str = ""  # default: data_dir/runs
-    allowed_protocols: tuple[str, ...] = ("file", "s3", "gs", "https", "memory")
+    # The contract's allow-list, the one the jobs apply (it used to be a copy that lacked gcs).
+    allowed_protocols: tuple[str, ...] = tuple(sorted(ALLOWED_PROTOCOLS))
     allowed_roots: tuple[str, ...] | None = None
     # Hosts (bucket names for s3/gs) whose dataset.json the server may read while it answers a
     # submission; the worker reads any other remote dataset at start-up (service/specs.py).

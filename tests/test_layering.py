@@ -1,6 +1,7 @@
 """The folders show the dependency direction: topk <- jobs <- service."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,27 @@ def test_the_static_check_sees_imports_inside_functions_and_relative_ones(tmp_pa
     )
     names = imports_of("pkg", root=tmp_path)["pkg/sub/mod.py"]
     assert {"jobs.training.run", "jobs.sweep", "pkg.other.thing"} <= names
+
+
+def test_the_runtime_commands_reach_topk_through_entry_points():
+    from importlib.metadata import entry_points
+
+    import service.cli
+
+    declared = {point.name for point in entry_points(group=service.cli.COMMAND_GROUP)}
+    assert declared == {"shards", "validate", "train", "experiment"}
+    parser = service.cli.build_parser()
+    [commands] = [a for a in parser._actions if a.dest == "command"]
+    assert {"shards", "validate", "train", "sweep", "experiment", "serve", "demo"} <= set(
+        commands.choices
+    )
+    # no module path of the runtime is written into the service, not even as a string
+    runtime = sorted(
+        p.stem for p in (ROOT / "jobs").iterdir() if p.stem not in ("contract", "__init__")
+    )
+    named = re.compile(rf"\bjobs\.({'|'.join(runtime)})\b")
+    assert named.search('"jobs.data.cli"') and not named.search("jobs.contract.urls")
+    for path in (ROOT / "service").rglob("*.py"):
+        for line in path.read_text().splitlines():
+            if named.search(line):
+                pytest.fail(f"{path.relative_to(ROOT)} names a runtime module: {line.strip()}")

@@ -8,7 +8,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from service import run_storage
+from jobs.contract import run_files
 from service.api.errors import ApiError
 from service.api.schemas import JobRecord, StatusEvent
 from service.job_status import FAILED
@@ -34,7 +34,7 @@ def job_record(job: JobRow, owner_name: str, dashboard_url: str | None) -> JobRe
         spec=job.spec,
         attempts=job.attempt,
         submission_id=job.submission_id,
-        storage=run_storage.run_url(job.storage_root, job.id, ""),
+        storage=run_files.run_url(job.storage_root, job.id, ""),
         created_at=_timestamp(job.created_at),
         updated_at=_timestamp(job.updated_at),
         started_at=_timestamp(job.started_at),
@@ -62,11 +62,11 @@ def job_detail(job: JobRow, owner_name: str, dashboard_url: str | None, store: S
     ]
     if job.attempt > 0:
         try:
-            history = run_storage.read_metrics(job.storage_root, job.id)
+            history = run_files.read_run_metrics(job.storage_root, job.id)
             record.latest_metrics = history[-1] if history else None
-            record.result = run_storage.read_json(job.storage_root, job.id, "result.json")
+            record.result = run_files.read_run_json(job.storage_root, job.id, "result.json")
             if job.kind == "sweep":
-                sweep = run_storage.read_json(job.storage_root, job.id, "sweep.json") or {}
+                sweep = run_files.read_run_json(job.storage_root, job.id, "sweep.json") or {}
                 record.trials = sweep.get("trials")
                 record.best_params = sweep.get("best_params")
                 record.best_config = sweep.get("best_config")
@@ -78,7 +78,7 @@ def job_detail(job: JobRow, owner_name: str, dashboard_url: str | None, store: S
 def read_metrics(job: JobRow, run_name: str) -> list[dict[str, Any]]:
     """The per-epoch history of one of the job's runs (the job's own, or a sweep trial's)."""
     try:
-        return run_storage.read_metrics(job.storage_root, run_name)
+        return run_files.read_run_metrics(job.storage_root, run_name)
     except Exception as exc:  # storage unreachable: say so instead of a 500
         raise ApiError("storage_unavailable", f"could not read run metrics: {exc}") from None
 
@@ -86,7 +86,7 @@ def read_metrics(job: JobRow, run_name: str) -> list[dict[str, Any]]:
 def trial_ids(job: JobRow) -> set[str]:
     """The trial ids in the sweep's trial table (sweep.json, rewritten while the sweep runs)."""
     try:
-        sweep = run_storage.read_json(job.storage_root, job.id, "sweep.json") or {}
+        sweep = run_files.read_run_json(job.storage_root, job.id, "sweep.json") or {}
     except Exception as exc:
         raise ApiError("storage_unavailable", f"could not read sweep.json: {exc}") from None
     trials = sweep.get("trials")

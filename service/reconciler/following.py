@@ -12,8 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from jobs.contract import exit_codes
-from service import run_storage
+from jobs.contract import exit_codes, run_files
 from service.job_status import CANCELLED, FAILED, LAUNCHED, LAUNCHING, QUEUED, RUNNING, SUCCEEDED
 from service.launcher import LaunchError, RayJobInfo
 from service.settings import Settings
@@ -71,7 +70,7 @@ class Following:
 
     def _finish(self, job: JobRow, info: RayJobInfo) -> None:
         """The Ray job ended (SUCCEEDED, STOPPED or FAILED): the job's outcome."""
-        result = run_storage.read_json(job.storage_root, job.id, "result.json")
+        result = run_files.read_run_json(job.storage_root, job.id, "result.json")
         if info.status != "STOPPED" and result is not None and result.get("status") == "failed":
             # The run recorded its own failure (Ray may still say SUCCEEDED: the driver exited).
             reason = f"training failed: {result.get('error') or 'see the logs'}"

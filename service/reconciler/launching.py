@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from service import run_storage
+from jobs.contract import run_files
 from service.error_text import describe_error
 from service.job_status import CANCELLED, FAILED, LAUNCHED, LAUNCHING, QUEUED
 from service.launcher import LaunchError, build_entrypoint, build_job_env, submission_id_for
@@ -114,7 +114,7 @@ class Launching:
         run folder could not be written (the job then failed, or waits for a later pass)."""
         attempt = job.attempt + 1
         try:
-            run_storage.write_spec(job.storage_root, job.id, job.spec)
+            run_files.write_spec(job.storage_root, job.id, job.spec)
         except Exception as exc:
             self._spec_write_failed(job, exc)
             return False
@@ -156,7 +156,7 @@ class Launching:
         entrypoint = build_entrypoint(
             python=self.settings.job_python,
             kind=job.kind,
-            spec_url=run_storage.run_url(job.storage_root, job.id, "spec.json"),
+            spec_url=run_files.run_url(job.storage_root, job.id, "spec.json"),
             run_name=job.id,
             storage_root=job.storage_root,
         )

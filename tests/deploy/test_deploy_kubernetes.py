@@ -4,27 +4,19 @@ the properties the deployment promises (no public Ray, GPU workers, hardened API
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_manifests import REPO, find, pod_templates
+from deploy_manifests import find, pod_templates
+from shared_paths import SHARED
 
 # The oldest Kubernetes release the manifests are written for (docs/deploy.md says the same),
 # and the newest whose schemas kubernetes-validate ships (catches removed APIs).
 KUBERNETES_VERSION = "1.30.0"
 KUBERNETES_VERSIONS = (KUBERNETES_VERSION, kubernetes_validate.utils.latest_version())
-# ../shared next to the checkout; /work/shared where a clone lives elsewhere on this machine
-RAYCLUSTER_CRD = next(
-    (
-        root / "k8s-schemas" / "ray.io_rayclusters.yaml"
-        for root in (REPO.parent / "shared", Path("/work/shared"))
-        if (root / "k8s-schemas" / "ray.io_rayclusters.yaml").is_file()
-    ),
-    REPO.parent / "shared" / "k8s-schemas" / "ray.io_rayclusters.yaml",
-)
+RAYCLUSTER_CRD = SHARED / "k8s-schemas" / "ray.io_rayclusters.yaml"
 CUSTOM_KINDS = {"RayCluster"}
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 from service_harness import ServerProcess, client_for, tiny_spec
 
-from service import run_storage
+from jobs.contract import run_files
 from service.local_ray import free_port
 from service.store import Store
 
@@ -57,16 +57,16 @@ def test_spec_metrics_and_result_round_trip_through_s3(s3_endpoint):
     import s3fs
 
     root = "s3://topk-runs/prod"
-    url = run_storage.write_spec(root, "job-abc", {"epochs": 3})
+    url = run_files.write_spec(root, "job-abc", {"epochs": 3})
     assert url == "s3://topk-runs/prod/job-abc/spec.json"
     fs = s3fs.S3FileSystem()
     assert json.loads(fs.cat("topk-runs/prod/job-abc/spec.json")) == {"epochs": 3}
-    assert run_storage.read_metrics(root, "job-abc") == []
-    assert run_storage.read_json(root, "job-abc", "result.json") is None
+    assert run_files.read_run_metrics(root, "job-abc") == []
+    assert run_files.read_run_json(root, "job-abc", "result.json") is None
     fs.pipe("topk-runs/prod/job-abc/metrics.jsonl", b'{"epoch": 1, "val_top5": 0.5}\n{"epo')
     fs.pipe("topk-runs/prod/job-abc/result.json", b'{"status": "succeeded", "epochs": 1}')
-    assert run_storage.read_metrics(root, "job-abc") == [{"epoch": 1, "val_top5": 0.5}]
-    assert run_storage.read_json(root, "job-abc", "result.json")["status"] == "succeeded"
+    assert run_files.read_run_metrics(root, "job-abc") == [{"epoch": 1, "val_top5": 0.5}]
+    assert run_files.read_run_json(root, "job-abc", "result.json")["status"] == "succeeded"
 
 
 def test_the_api_serves_metrics_from_s3_storage(s3_endpoint, tmp_path):

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
-from service import run_storage
+from jobs.contract import run_files
 from service.api.deps import (
     LauncherDep,
     Owner,
@@ -239,7 +239,7 @@ class JobRoutes:
         job = self.load(store, owner, job_id)
         if trial_id not in trial_ids(job):
             raise ApiError("not_found", f"no trial {trial_id!r} in sweep {job_id!r}")
-        trial_run = run_storage.trial_run_name(job.id, trial_id)
+        trial_run = run_files.trial_run_name(job.id, trial_id)
         return TrialMetricsHistory(
             job_id=job.id, trial_id=trial_id, epochs=read_metrics(job, trial_run)
         )

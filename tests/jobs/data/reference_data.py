@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_paths import OMNIGLOT_ZIP
 
-OMNIGLOT_ZIP = Path("/work/shared/data/omniglot/images_background_small1.zip")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 ID_CLASSES = 5
 ID_IMAGE_SIZE = 8
