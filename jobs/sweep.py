@@ -54,7 +54,7 @@ def run_trial(config: dict[str, Any], *, base_spec: dict[str, Any], sweep_dir: s
     from ray.tune.integration.ray_train import TuneReportCallback
 
     params = config["params"]
-    spec = resolve_class_counts(apply_params(TrainSpec.model_validate(base_spec), params))
+    spec = resolve_class_counts(apply_params(base_spec, params))
     trial_dir = join(sweep_dir, "trials", f"trial-{tune.get_context().get_trial_id()}")
     write_json(join(trial_dir, "spec.json"), spec.model_dump(mode="json"))
     trainer = build_trainer(spec, trial_dir, callbacks=[TuneReportCallback()])

@@ -10,6 +10,7 @@ This module must not import torch or ray at import time.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -132,21 +133,28 @@ class SweepSpec(BaseModel):
 
 
 def apply_params(
-    train: TrainSpec, params: Mapping[str, Any], *, context: dict[str, Any] | None = None
+    train: TrainSpec | Mapping[str, Any],
+    params: Mapping[str, Any],
+    *,
+    context: dict[str, Any] | None = None,
 ) -> TrainSpec:
     """The training spec of one trial: `train` with each dotted path set to its value.
 
     Setting `loss.name` switches the loss: the fields the new loss does not have are dropped and
     `model.cosine_head` is left to the new loss. Raises pydantic.ValidationError (or SpecError for
-    a path that is not in the spec) when the result is not a valid training spec.
+    a path that is not in the spec) when the result is not a valid training spec. `train` may be
+    the spec's JSON dict (a trial's process then validates the trial's spec once, not the base
+    spec first).
     """
-    spec = train.model_dump()
+    spec = copy.deepcopy(dict(train)) if isinstance(train, Mapping) else train.model_dump()
+    loss = spec.get("loss")
+    old_name = loss.get("name") if isinstance(loss, dict) else None
     for path, value in params.items():
         parent, key = _parent_of(spec, path)
         if parent is None:
             raise SpecError([(path, _missing_path_message(spec, path))])
         parent[key] = value
-    if "loss.name" in params and params["loss.name"] != train.loss.name:
+    if "loss.name" in params and params["loss.name"] != old_name:
         name = params["loss.name"]
         new_loss = LOSS_SPECS.get(name) if isinstance(name, str) else None
         if new_loss is not None:  # an unknown name is left for validation to report

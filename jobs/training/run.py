@@ -336,7 +336,8 @@ def run_training_in_process(
 
     session = _local_session(spec, run_name, storage, device)
     run_dir = _open_run(spec, run_name, storage)
-    config = {"spec": spec.model_dump(mode="json"), "run_dir": run_dir}
+    # The spec object itself: this process validated it already (once per process).
+    config = {"spec": spec, "run_dir": run_dir}
     return _train_and_record(spec, run_dir, lambda: run_loop(config, session))
 
 

@@ -276,9 +276,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def run_loop(config: dict[str, Any], session: WorkerSession) -> None:
     """The training loop of one rank, whatever runs it (see the module docstring). `config` as
-    for `train_loop_per_worker`; the spec's class counts are already resolved (the driver
-    resolved them once, at start-up)."""
-    spec = TrainSpec.model_validate(config["spec"])
+    for `train_loop_per_worker`, or with the TrainSpec itself when the caller's process
+    validated it (an in-process run: the spec is validated once per process); the spec's class
+    counts are already resolved (the driver resolved them once, at start-up)."""
+    given = config["spec"]
+    spec = given if isinstance(given, TrainSpec) else TrainSpec.model_validate(given)
     _seed_everything(spec.seed * 1000 + session.rank)
     run = _set_up(spec, session)
     metrics_log = None

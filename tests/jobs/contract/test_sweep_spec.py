@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -156,6 +158,21 @@ def test_switching_the_loss_drops_its_foreign_fields_and_resets_the_head():
     to_ldam = apply_params(base, {"loss.name": "ldam"})
     assert to_ldam.loss.class_counts == [3] * 136 and to_ldam.loss.max_m == 0.2
     assert to_ldam.model.cosine_head is True
+
+
+def test_a_trial_built_from_the_base_specs_dict_matches_the_one_from_the_model():
+    base = TrainSpec.model_validate(
+        {**TRAIN, "loss": {"name": "noised_topk_imbalanced", "class_counts": [3] * 136}}
+    )
+    raw = base.model_dump(mode="json")
+    before = json.dumps(raw, sort_keys=True)
+    for params in (
+        {"loss.epsilon": 0.05, "optim.lr": 0.02},
+        {"loss.name": "cross_entropy", "loss.epsilon": 0.3},
+        {"loss.name": "ldam"},
+    ):
+        assert apply_params(raw, params) == apply_params(base, params), params
+    assert json.dumps(raw, sort_keys=True) == before  # the base dict is untouched
 
 
 def test_a_loss_name_choice_is_checked_value_by_value():
