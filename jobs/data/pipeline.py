@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from jobs.contract.data import DataSpec
+from jobs.contract.data import DataSpec, ShardSource
 from jobs.contract.urls import ALLOWED_PROTOCOLS
 from jobs.data.batching import normalisation
 from jobs.data.device_decode import JpegBatch
@@ -215,13 +215,18 @@ def _resolve(
     split: str,
     allowed_protocols: frozenset[str],
     allowed_roots: list[str] | None,
+    source: ShardSource | None = None,
+    source_field: str | None = None,
 ) -> ShardSet:
-    source = data.train if split == "train" else data.val
+    """The checked shards of `data.train` or `data.val` (`split`), or of `source` (named
+    `source_field` in errors) when given."""
+    if source is None:
+        source = data.train if split == "train" else data.val
     if source is None:
         raise ValueError("data.val: not set, so there is nothing to evaluate on")
     shards = resolve_shards(
         source,
-        field=f"data.{split}",
+        field=source_field or f"data.{split}",
         split=split,
         num_classes=data.num_classes,
         allowed_protocols=allowed_protocols,
@@ -274,12 +279,15 @@ def build_eval_loader(
     allowed_protocols: frozenset[str] = ALLOWED_PROTOCOLS,
     allowed_roots: list[str] | None = None,
     pin_memory: bool = False,
+    source: ShardSource | None = None,
+    source_field: str = "data.val",
 ) -> ShardLoader:
-    """The validation input of one rank: across ranks every sample of data.val is yielded
-    exactly once, without augmentation (central square resized). Raises ValueError when
-    data.val is not set or names a bad URL, DataPipelineError for a missing shard."""
+    """The evaluation input of one rank: across ranks every sample of data.val (or of `source`,
+    another held-out split such as `dataset.json#test`, named `source_field` in errors) is yielded
+    exactly once, without augmentation (central square resized). Raises ValueError when there
+    is nothing to evaluate or a bad URL, DataPipelineError for a missing shard."""
     _check_rank(batch_size, rank, world_size)
-    shards = _resolve(data, "val", allowed_protocols, allowed_roots)
+    shards = _resolve(data, "val", allowed_protocols, allowed_roots, source, source_field)
     stream = ShardStream(
         shards,
         data,

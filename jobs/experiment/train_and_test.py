@@ -12,19 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.contract.data import DataSpec
 from jobs.contract.dataset_info import read_dataset_info
 from jobs.contract.train import TrainSpec
 
 RECORD_FILE = "record.json"
-
-
-def held_out_data(data: DataSpec, split_url: str) -> DataSpec:
-    """`data` set to evaluate a held-out split other than the validation split (the test
-    split): the pipeline's eval loader reads the split it evaluates from `data.val`, so
-    `split_url` takes that place here, in a copy that never trains (and reads in this process,
-    without loader workers)."""
-    return data.model_copy(update={"val": split_url, "loader_workers": 0})
 
 
 def evaluate_checkpoint(
@@ -44,8 +35,10 @@ def evaluate_checkpoint(
     model = build_model_for(spec, load_pretrained=False)  # the checkpoint holds every weight
     load_training_state(checkpoint, model=model)
     model = model.to(device)
-    data = held_out_data(spec.data, split_url)
-    loader = build_eval_loader(data, batch_size=256, rank=0, world_size=1)
+    data = spec.data.model_copy(update={"loader_workers": 0})  # read in this process
+    loader = build_eval_loader(
+        data, batch_size=256, rank=0, world_size=1, source=split_url, source_field="test split"
+    )
     ks = sorted(set(spec.metrics.ks))
     with torch.no_grad():
         counts = evaluate(model, loader, ks, spec.data.num_classes, device=device)

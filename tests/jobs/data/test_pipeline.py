@@ -321,3 +321,24 @@ def test_one_loader_for_the_run_gives_each_epoch_what_a_fresh_loader_gives(id_da
     again = [ids_from_batch(images) for images, _ in kept]
     first = build_train_loader(spec, batch_size=5, rank=0, world_size=2, epoch=1, seed=3)
     assert again == [ids_from_batch(images) for images, _ in first]
+
+
+def test_an_eval_loader_reads_another_held_out_split_when_given_its_source(id_dataset):
+    """The test split is evaluated through `source`, not by posing as data.val."""
+    info = read_dataset_info(str(id_dataset))
+    spec = id_spec(id_dataset, val=None)  # no validation split at all
+    train_ids = []
+    with pytest.raises(ValueError, match="data.val: not set"):
+        build_eval_loader(spec, batch_size=8, rank=0, world_size=1)
+    loader = build_eval_loader(
+        spec, batch_size=8, rank=0, world_size=1, source=f"{id_dataset}#train"
+    )
+    for images, _ in loader:
+        train_ids += ids_from_batch(images)
+    assert len(train_ids) == info.num_samples["train"] == len(set(train_ids))
+    assert not set(train_ids) & set(val_ids(id_dataset))
+    with pytest.raises(ValueError, match="^test split: "):
+        build_eval_loader(
+            spec, batch_size=8, rank=0, world_size=1, source=f"{id_dataset}#nope",
+            source_field="test split",
+        )  # fmt: skip
