@@ -63,10 +63,12 @@ def _check_protocol(url: str) -> None:
     check_url(url)
 
 
-def _filesystem(url: str) -> tuple[Any, str]:
+def _filesystem(url: str, check: bool = True) -> tuple[Any, str]:
     """The fsspec filesystem and path for `url`, which passes the process's URL limits first
-    (every run file a worker opens meets the limits its spec was checked with)."""
-    _check_protocol(url)
+    (every run file a worker opens meets the limits its spec was checked with) unless `check`
+    is False (the service's own reads and writes: see write_spec)."""
+    if check:
+        _check_protocol(url)
     filesystem, path = fsspec.core.url_to_fs(url)
     return filesystem, str(path)
 
@@ -104,10 +106,10 @@ def ray_storage(root_url: str) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))
 
 
-def write_text(url: str, text: str) -> None:
+def write_text(url: str, text: str, *, check: bool = True) -> None:
     """Replace the file at `url` with `text`; local files are swapped in atomically so that a
     reader never sees half a file."""
-    filesystem, path = _filesystem(url)
+    filesystem, path = _filesystem(url, check)
     parent = path.rsplit("/", 1)[0]
     if parent:
         filesystem.makedirs(parent, exist_ok=True)
@@ -121,10 +123,10 @@ def write_text(url: str, text: str) -> None:
         handle.write(text)
 
 
-def read_text(url: str) -> str | None:
+def read_text(url: str, *, check: bool = True) -> str | None:
     """The file's text, or None when it does not exist (a character cut by a concurrent
     writer reads as U+FFFD, never an error)."""
-    filesystem, path = _filesystem(url)
+    filesystem, path = _filesystem(url, check)
     try:
         with filesystem.open(path, "rb") as handle:
             data: bytes = handle.read()
@@ -133,13 +135,13 @@ def read_text(url: str) -> str | None:
     return data.decode("utf-8", errors="replace")
 
 
-def write_json(url: str, value: Any) -> None:
-    write_text(url, json.dumps(value, indent=2, sort_keys=True) + "\n")
+def write_json(url: str, value: Any, *, check: bool = True) -> None:
+    write_text(url, json.dumps(value, indent=2, sort_keys=True) + "\n", check=check)
 
 
-def read_json(url: str) -> Any | None:
+def read_json(url: str, *, check: bool = True) -> Any | None:
     """The JSON document at `url`; None when it does not exist or does not parse yet."""
-    text = read_text(url)
+    text = read_text(url, check=check)
     if not text:
         return None
     try:
@@ -148,11 +150,11 @@ def read_json(url: str) -> Any | None:
         return None
 
 
-def read_metrics(url: str) -> list[dict[str, Any]]:
+def read_metrics(url: str, *, check: bool = True) -> list[dict[str, Any]]:
     """The epochs recorded in a metrics.jsonl file, in file order (empty when absent); a line
     that is not a JSON object (one still being written) is skipped."""
     records = []
-    for line in (read_text(url) or "").splitlines():
+    for line in (read_text(url, check=check) or "").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -162,22 +164,28 @@ def read_metrics(url: str) -> list[dict[str, Any]]:
     return records
 
 
+# The service's reads and writes (write_spec, read_run_json, read_run_metrics) do not apply the
+# process environment's URL limits: the service checked each job's storage root with its own
+# settings at submission, and those always include its runs folder, which TOPK_ALLOWED_ROOTS
+# may leave out (the jobs get the folder added to their limits).
+
+
 def write_spec(root: str, run_name: str, spec: dict[str, Any]) -> str:
     """ROOT/RUN/spec.json (replaced atomically on local disks); returns its URL."""
     url = run_url(root, run_name, SPEC_FILE)
-    write_json(url, spec)
+    write_json(url, spec, check=False)
     return url
 
 
 def read_run_json(root: str, run_name: str, filename: str) -> dict[str, Any] | None:
     """ROOT/RUN/FILENAME as a JSON object; None when absent, unparsable yet, or not an object."""
-    value = read_json(run_url(root, run_name, filename))
+    value = read_json(run_url(root, run_name, filename), check=False)
     return value if isinstance(value, dict) else None
 
 
 def read_run_metrics(root: str, run_name: str) -> list[dict[str, Any]]:
     """The per-epoch history in ROOT/RUN/metrics.jsonl."""
-    return read_metrics(run_url(root, run_name, METRICS_FILE))
+    return read_metrics(run_url(root, run_name, METRICS_FILE), check=False)
 
 
 class MetricsLog:

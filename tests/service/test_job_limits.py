@@ -10,6 +10,8 @@ import json
 import pytest
 from service_harness import client_for, ray_submissions, tiny_data, tiny_spec, wait_for
 
+from jobs.contract.urls import ALLOWED_PROTOCOLS
+
 DATA_ROOT = str(tiny_data())  # where tiny_spec's data URLs point
 
 
@@ -67,7 +69,7 @@ def test_the_runs_folder_is_always_among_the_roots_the_service_checks_and_hands_
     assert settings.allowed_roots == (DATA_ROOT, runs)
     assert build_job_env(
         allowed_protocols=settings.allowed_protocols, allowed_roots=settings.allowed_roots
-    ) == {"TOPK_ALLOWED_PROTOCOLS": "file,s3,gs,https,memory",
+    ) == {"TOPK_ALLOWED_PROTOCOLS": ",".join(sorted(ALLOWED_PROTOCOLS)),
           "TOPK_ALLOWED_ROOTS": f"{DATA_ROOT},{runs}"}  # fmt: skip
     assert validate_spec("train", tiny_spec(storage=f"{runs}/mine"), settings).storage_root
     with pytest.raises(InvalidSpec, match="storage: refused URL"):
