@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from jobs.contract import exit_codes
+from jobs.contract.urls import url_limits_from_env
 
 
 class UsageError(Exception):
@@ -65,12 +66,6 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, run_name_required: boo
     )
 
 
-def _url_limits() -> dict[str, Any]:
-    from jobs.contract.urls import url_limits_from_env
-
-    return dict(url_limits_from_env())
-
-
 def load_spec(url: str, kind: str) -> Any:
     """A validated TrainSpec ("train") or SweepSpec ("sweep") from a file or URL, its local
     data checked to exist, class counts filled from dataset.json: this process's one
@@ -89,7 +84,7 @@ def load_spec(url: str, kind: str) -> Any:
         resolve_class_counts,
     )
 
-    context = _url_limits()
+    context = url_limits_from_env()
     try:
         raw = load_spec_file(url, **context)
     except SpecFileError as exc:
@@ -162,7 +157,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         if storage is not None:
             from jobs.contract.urls import check_url
 
-            check_url(storage, **_url_limits())
+            check_url(storage, **url_limits_from_env())
         root = normalize_root(storage)
         check_data_sources(spec)
     except InvalidSpecError as exc:

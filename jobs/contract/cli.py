@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from jobs.contract import exit_codes
+from jobs.contract.urls import url_limits_from_env
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,13 +43,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="print the complete validated spec (defaults filled in) as JSON",
     )
     parser.set_defaults(handler=run_validate)
-
-
-def url_limits_from_env() -> dict[str, Any]:
-    """The URL allow-list the service uses (TOPK_ALLOWED_PROTOCOLS, TOPK_ALLOWED_ROOTS)."""
-    from jobs.contract.urls import url_limits_from_env as from_env
-
-    return dict(from_env())
 
 
 def run_validate(args: argparse.Namespace) -> int:

@@ -58,11 +58,11 @@ def _local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
-def url_limits_from_env() -> dict[str, list[str]]:
+def url_limits_from_env() -> dict[str, Any]:
     """The process-wide URL limits: {"allowed_protocols": [...], "allowed_roots": [...]} from
     TOPK_ALLOWED_PROTOCOLS and TOPK_ALLOWED_ROOTS, each key present only when its variable
     names something."""
-    limits: dict[str, list[str]] = {}
+    limits: dict[str, Any] = {}  # a new dict per call: callers add their own context keys
     for key, env in (("allowed_protocols", PROTOCOLS_ENV), ("allowed_roots", ROOTS_ENV)):
         parts = [part.strip() for part in os.environ.get(env, "").split(",") if part.strip()]
         if parts:
