@@ -50,6 +50,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
     from jobs.contract.spec_files import (
         SpecFileError,
+        check_decode_format,
         format_validation_error,
         load_spec_file,
         parse_spec,
@@ -69,6 +70,7 @@ def run_validate(args: argparse.Namespace) -> int:
         spec = parse_spec(raw, context=context)
         if not args.no_resolve:
             spec = resolve_class_counts(spec, context=context)
+            check_decode_format(spec, context=context)
     except (ValidationError, SpecError) as exc:
         lines = format_validation_error(exc)
         print(f"{args.spec}: invalid spec ({len(lines)} problem(s)):", file=sys.stderr)

@@ -23,7 +23,7 @@ from jobs.contract.dataset_info import read_dataset_info
 from jobs.contract.loss import check_class_counts
 from jobs.contract.sweep import SweepSpec
 from jobs.contract.train import SpecError, TrainSpec
-from jobs.contract.urls import dataset_location
+from jobs.contract.urls import is_local, parse_source
 
 MAX_SPEC_FILE_BYTES = 1 << 20
 """A spec is a page of YAML; anything larger is a mistake (or an attack on the parser)."""
@@ -209,7 +209,7 @@ def resolve_class_counts(
 
 
 def _train_counts_from_dataset(spec: TrainSpec, context: dict[str, Any]) -> list[int]:
-    location = dataset_location(spec.data.train)
+    location = parse_source(spec.data.train).dataset_location
     limits = {k: context[k] for k in ("allowed_protocols", "allowed_roots") if k in context}
     try:
         info = read_dataset_info(location, **limits)
@@ -239,6 +239,46 @@ def _train_counts_from_dataset(spec: TrainSpec, context: dict[str, Any]) -> list
         return check_class_counts([int(count) for count in counts])
     except (TypeError, ValueError) as exc:
         raise SpecError([("loss.class_counts", f"the dataset at {location}: {exc}")]) from None
+
+
+def check_decode_format(
+    spec: TrainSpec | SweepSpec, *, context: dict[str, Any] | None = None
+) -> None:
+    """data.decode "device" decodes JPEG only: raise SpecError naming data.decode when a local
+    dataset of data.train or data.val says (dataset.json `source.image_format`) that its images
+    are PNG or WebP. Shard lists, remote datasets and datasets that do not say are left to the
+    loader, which refuses a non-JPEG sample by its key."""
+    if isinstance(spec, SweepSpec):
+        return check_decode_format(spec.train, context=context)
+    data = spec.data
+    if data.decode != "device":
+        return
+    limits = {
+        k: (context or {})[k]
+        for k in ("allowed_protocols", "allowed_roots")
+        if k in (context or {})
+    }
+    for field, source in (("data.train", data.train), ("data.val", data.val)):
+        if source is None:
+            continue
+        parsed = parse_source(source)
+        if parsed.dataset is None or not is_local(parsed.dataset):
+            continue
+        try:
+            image_format = read_dataset_info(parsed.dataset, **limits).source.get("image_format")
+        except (OSError, ValueError):
+            continue  # the data fields' own checks report an unreadable dataset
+        if image_format in ("png", "webp"):
+            raise SpecError(
+                [
+                    (
+                        "data.decode",
+                        f"'device' decodes JPEG images only, and {field} ({parsed.dataset}) "
+                        f"holds {image_format} images; set data.decode: cpu, or write JPEG "
+                        "shards (topk shards build --format jpeg)",
+                    )
+                ]
+            )
 
 
 def validation_problems(err: ValidationError | SpecError) -> list[tuple[str, str]]:

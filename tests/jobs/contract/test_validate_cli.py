@@ -174,3 +174,29 @@ def test_the_real_command_never_prints_a_traceback(tmp_path, text, code):
     )
     assert result.returncode == code
     assert "Traceback" not in result.stderr and result.stderr.strip()
+
+
+@pytest.mark.parametrize("image_format", ["png", "webp", "jpeg", None])
+def test_device_decoding_of_a_dataset_that_holds_no_jpeg_is_refused(
+    tmp_path, data, capsys, image_format
+):
+    """dataset.json's source.image_format says what the shards hold: PNG or WebP with
+    data.decode device is a problem of data.decode; JPEG, or a dataset that does not say
+    (the loader then checks each sample), passes."""
+    info = json.loads((data / "dataset.json").read_text())
+    if image_format is not None:
+        info["source"] = {"image_format": image_format}
+    (data / "dataset.json").write_text(json.dumps(info))
+    spec = write(
+        tmp_path, "device.yaml", VALID.replace("num_classes: 20", "num_classes: 20, decode: device")
+    )
+    code = topk_main(["validate", spec])
+    err = capsys.readouterr().err
+    if image_format in ("png", "webp"):
+        assert code == exit_codes.INVALID_SPEC
+        assert "data.decode: 'device' decodes JPEG images only, and data.train" in err
+        assert f"holds {image_format} images" in err
+    else:
+        assert code == exit_codes.OK, err
+    # --no-resolve reads no dataset.json, so it cannot tell
+    assert topk_main(["validate", "--no-resolve", spec]) == exit_codes.OK
