@@ -8,7 +8,10 @@ For Omniglot and Fashion-MNIST shards (written to a temporary folder), this meas
 - the pipeline: `build_train_loader` (tar streaming, shuffle buffer, decode, random resized crop,
   flip, normalise, batch, DataLoader IPC) with 1 and 2 DataLoader workers, in steady state (the
   clock starts at the first batch, so worker start-up is not counted).
-Ratio per worker = pipeline / (limit x workers). Then the same through s3://
+Ratio per worker = pipeline / (limit x workers). In CPU time (immune to other processes'
+load), the in-process pipeline is also set against the tar reading alone and against read +
+decode + resize of the whole image to the training size (the least work that feeds a model).
+Then the same through s3://
 from a local moto server process. Run: .venv/bin/python benchmarks/bench_data.py [--quick]
 """
 
@@ -42,6 +45,7 @@ SHARED_DATA = (
 OMNIGLOT_ZIP = str(SHARED_DATA / "omniglot" / "images_background_small1.zip")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SIZE = 32
 
 
 def tarfile_images(url: str):
@@ -73,13 +77,27 @@ def plain_decode_rate(shard_urls: list[str], read_images, min_seconds: float) ->
             return images / elapsed
 
 
-def plain_decode_cpu(shard_urls: list[str], read_images) -> float:
-    """CPU microseconds per image of read + PIL decode (immune to other processes' load)."""
+def plain_decode_cpu(shard_urls: list[str], read_images, resize_to: int | None = None) -> float:
+    """CPU microseconds per image of read + PIL decode (immune to other processes' load); with
+    `resize_to`, also the greyscale conversion and the antialiased resize of the whole image to
+    the training size: the least work any pipeline that feeds a model must do."""
     images, started = 0, time.process_time()
     for url in shard_urls:
         for data in read_images(url):
-            Image.open(io.BytesIO(data)).load()
+            image = Image.open(io.BytesIO(data))
+            if resize_to is None:
+                image.load()
+            else:
+                image.convert("L").resize((resize_to, resize_to), Image.Resampling.BILINEAR)
             images += 1
+    return (time.process_time() - started) / images * 1e6
+
+
+def read_only_cpu(shard_urls: list[str]) -> float:
+    """CPU microseconds per image of reading the shards with tarfile, decoding nothing."""
+    images, started = 0, time.process_time()
+    for url in shard_urls:
+        images += sum(1 for _ in tarfile_images(url))
     return (time.process_time() - started) / images * 1e6
 
 
@@ -97,7 +115,7 @@ def _spec(dataset: str, *, num_classes: int, workers: int, samples: int) -> Data
     return DataSpec(
         train=dataset,
         num_classes=num_classes,
-        image_size=32,
+        image_size=IMAGE_SIZE,
         channels=1,
         loader_workers=workers,
         shuffle_buffer=1000,
@@ -127,11 +145,18 @@ def measure(name: str, dataset: str, num_classes: int, samples: int, min_seconds
     if not dataset.startswith("s3://"):
         plain_cpu = plain_decode_cpu(urls, tarfile_images)
         wds_cpu = plain_decode_cpu(urls, webdataset_images)
+        resized_cpu = plain_decode_cpu(urls, tarfile_images, resize_to=IMAGE_SIZE)
+        read_cpu = read_only_cpu(urls)
         ours_cpu = pipeline_cpu(dataset, num_classes=num_classes, samples=samples)
         print(
             f"{name:<28} CPU us/image: tarfile+PIL {plain_cpu:.0f}, webdataset+PIL "
             f"{wds_cpu:.0f}, pipeline in-process {ours_cpu:.0f} -> ratios "
             f"{plain_cpu / ours_cpu:.2f} and {wds_cpu / ours_cpu:.2f}",
+            flush=True,
+        )
+        print(
+            f"{name:<28} of which: tar reading alone {read_cpu:.0f}; tarfile+PIL+resize to "
+            f"{IMAGE_SIZE} px {resized_cpu:.0f} -> ratio {resized_cpu / ours_cpu:.2f}",
             flush=True,
         )
     for workers in (1, 2):
@@ -198,7 +223,9 @@ def main() -> int:
                 progress=None,
                 shard_max_samples=2000,
             )
-        print(f"CPUs: {os.cpu_count()}, image_size 32, batch 128, steady state", flush=True)
+        print(
+            f"CPUs: {os.cpu_count()}, image_size {IMAGE_SIZE}, batch 128, steady state", flush=True
+        )
         for name, (path, classes) in datasets.items():
             measure(name, path, classes, samples, min_seconds)
 
