@@ -47,6 +47,8 @@ def print_job(job: dict[str, Any]) -> None:
             f"{'metrics:':<11}epoch {job['latest_metrics'].get('epoch')}  "
             + metric_text(job["latest_metrics"])
         )
+    for warning in job.get("warnings") or []:
+        print(f"{'warning:':<11}{warning}")
     if job["kind"] == "sweep":
         _print_trials(job)
 

@@ -202,3 +202,26 @@ class MetricsLog:
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         write_text(self.url, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+
+
+def collapse_warnings(history: list[dict[str, Any]]) -> list[str]:
+    """The rank-1 collapse warning of a run, from its metrics.jsonl records: one line naming the
+    flagged epochs (`collapse_warning`) and the worst one; none when no epoch was flagged.
+    result.json's `warnings`, and the service's live `warnings` of a job. Records written by
+    something else (fields missing or of the wrong type) are skipped."""
+    flagged = [
+        r
+        for r in history
+        if r.get("collapse_warning") is True
+        and isinstance(r.get("val_collapse_share"), (int, float))
+        and isinstance(r.get("epoch"), int)
+    ]
+    if not flagged:
+        return []
+    epochs = ", ".join(str(r["epoch"]) for r in flagged)
+    worst = max(flagged, key=lambda r: r["val_collapse_share"])
+    return [
+        f"rank-1 collapse warning in epoch(s) {epochs}: up to "
+        f"{worst['val_collapse_share']:.0%} of the validation images had class "
+        f"{worst.get('val_collapse_class')} as their top-1 prediction (epoch {worst['epoch']})"
+    ]

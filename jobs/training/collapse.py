@@ -9,7 +9,8 @@ epoch's metrics get:
   most-predicted class (near 1/C for a healthy model on balanced data, 1.0 in a full collapse);
 - `val_collapse_class`: that class;
 - `collapse_warning`: whether the share exceeds `metrics.collapse_share`; rank 0 then prints a
-  warning line to the job's log, and result.json lists the flagged epochs under `warnings`.
+  warning line to the job's log, and result.json lists the flagged epochs under `warnings`
+  (`jobs.contract.run_files.collapse_warnings`, which the service also shows live).
 """
 
 from __future__ import annotations
@@ -44,18 +45,3 @@ def print_warning(metrics: dict[str, Any], threshold: float) -> None:
     """Write the epoch's warning line to the log (stderr), when the epoch is flagged."""
     if metrics.get("collapse_warning"):
         print(warning_text(metrics, threshold), file=sys.stderr, flush=True)
-
-
-def collapse_warnings(history: list[dict[str, Any]]) -> list[str]:
-    """result.json's `warnings` from a run's metrics.jsonl records (none when no epoch was
-    flagged)."""
-    flagged = [r for r in history if r.get("collapse_warning")]
-    if not flagged:
-        return []
-    epochs = ", ".join(str(r["epoch"]) for r in flagged)
-    worst = max(flagged, key=lambda r: r["val_collapse_share"])
-    return [
-        f"rank-1 collapse warning in epoch(s) {epochs}: up to "
-        f"{worst['val_collapse_share']:.0%} of the validation images had class "
-        f"{worst['val_collapse_class']} as their top-1 prediction (epoch {worst['epoch']})"
-    ]

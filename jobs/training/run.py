@@ -190,7 +190,7 @@ def summarize_run(spec: TrainSpec, run_dir: str, *, error: str | None = None) ->
     """result.json's content from the run's metrics.jsonl: status, epochs, best epoch's
     metrics by `metrics.select`, and `warnings` (the epochs flagged for rank-1 collapse,
     jobs/training/collapse.py) when there are any."""
-    from jobs.training.collapse import collapse_warnings
+    from jobs.contract.run_files import collapse_warnings
 
     history = read_metrics(join(run_dir, "metrics.jsonl"))
     best = best_by_metric(history, spec.metrics.select, spec.metrics.mode)

@@ -64,6 +64,7 @@ def job_detail(job: JobRow, owner_name: str, dashboard_url: str | None, store: S
         try:
             history = run_files.read_run_metrics(job.storage_root, job.id)
             record.latest_metrics = history[-1] if history else None
+            record.warnings = run_files.collapse_warnings(history) or None
             record.result = run_files.read_run_json(job.storage_root, job.id, "result.json")
             if job.kind == "sweep":
                 sweep = run_files.read_run_json(job.storage_root, job.id, "sweep.json") or {}

@@ -46,6 +46,9 @@ class JobRecord(BaseModel):
     finished_at: datetime | None
     dashboard_url: str | None
     latest_metrics: dict[str, Any] | None = None
+    # Live warnings from the run's epochs so far (a rank-1 collapse: one class is the top-1
+    # prediction for more than metrics.collapse_share of the validation images)
+    warnings: list[str] | None = None
     result: dict[str, Any] | None = None
     events: list[StatusEvent] | None = None
     # sweeps only

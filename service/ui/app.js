@@ -457,6 +457,10 @@ function header(record) {
       ),
     ],
     ["Reason", record.status_reason || "—"],
+    ...(record.warnings || []).map((warning) => [
+      "Warning",
+      el("span", { class: "warning", "data-warning": "collapse" }, warning),
+    ]),
     ["Owner", record.owner],
     ["Attempts", String(record.attempts)],
     ["Submitted", formatTime(record.created_at)],

@@ -4,6 +4,8 @@ training runtime writes (ROOT/RUN/metrics.jsonl, result.json; for sweeps sweep.j
 trial's trials/trial-<id>/metrics.jsonl) and behaves as the spec's `name` asks:
 
 - name starting "sleep<N>": run N seconds (one epoch per second) before succeeding;
+- a name ending "-collapse" ("sleep3-collapse"): every epoch is flagged for rank-1 collapse,
+  as the worker's live check flags it;
 - "flaky": the first attempt exits 1 without result.json (an infrastructure-like death),
   the next one succeeds;
 - "userfail": write result.json {"status": "failed"} and exit 1;
@@ -82,6 +84,8 @@ if name == "userfail":
 
 live_table = args.kind == "sweep" and name.startswith("live")
 name = name.removeprefix("live") if live_table else name
+collapsing = name.endswith("-collapse")  # "sleep3-collapse": every epoch flagged rank-1 collapse
+name = name.removesuffix("-collapse")
 seconds = int(name[5:]) if name.startswith("sleep") and name[5:].isdigit() else 1
 for epoch in range(1, seconds + 1):
     time.sleep(1)
@@ -93,6 +97,9 @@ for epoch in range(1, seconds + 1):
         "val_top1": 0.1 * epoch,
         "val_top5": 0.2 * epoch,
         "val_macro_top5": 0.15 * epoch,
+        "val_collapse_share": 0.95 if collapsing else 0.12,
+        "val_collapse_class": 4,
+        "collapse_warning": collapsing,
         "time": time.time(),
     }
     with open(run_dir / "metrics.jsonl", "a") as metrics:

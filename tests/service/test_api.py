@@ -326,6 +326,40 @@ def test_metrics_history_comes_from_the_run_folder(api):
         assert history == lines  # the half-written last line is not an epoch yet
 
 
+def test_a_rank_1_collapse_shows_as_a_live_warning_of_the_job(api, capsys):
+    """Epochs flagged collapse_warning in metrics.jsonl (the worker's live check) give the job's
+    record a `warnings` line while it runs, and `topk jobs get` prints it; a healthy run has
+    none."""
+    from service.job_tables import print_job
+
+    server, store, alice, _, storage = api
+    with client_for(server, alice) as http:
+        job = http.post("/v1/jobs", json=tiny_spec("collapsing")).json()
+        store.transition(job["id"], "launching", "test", expect="queued", attempt=1)
+        store.transition(job["id"], "running", "test", expect="launching")
+        run_dir = Path(storage) / job["id"]
+        run_dir.mkdir(parents=True)
+        healthy = {"epoch": 1, "val_collapse_share": 0.2, "val_collapse_class": 3,
+                   "collapse_warning": False}  # fmt: skip
+        (run_dir / "metrics.jsonl").write_text(json.dumps(healthy) + "\n")
+        record = http.get(f"/v1/jobs/{job['id']}").json()
+        assert record["latest_metrics"]["epoch"] == 1 and record["warnings"] is None
+        flagged = [{"epoch": 2, "val_collapse_share": 0.9, "val_collapse_class": 7,
+                    "collapse_warning": True},
+                   {"epoch": 3, "val_collapse_share": 0.6, "val_collapse_class": 7,
+                    "collapse_warning": True}]  # fmt: skip
+        with (run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write("".join(json.dumps(line) + "\n" for line in flagged))
+        record = http.get(f"/v1/jobs/{job['id']}").json()
+        assert record["status"] == "running"
+        assert record["warnings"] == [
+            "rank-1 collapse warning in epoch(s) 2, 3: up to 90% of the validation images had "
+            "class 7 as their top-1 prediction (epoch 2)"
+        ]
+        print_job(record)
+        assert "warning:   rank-1 collapse warning in epoch(s) 2, 3" in capsys.readouterr().out
+
+
 def test_sweep_trial_metrics_come_from_each_trials_run(api):
     server, _, alice, bob, storage = api
     sweep = {"train": tiny_spec("trials"), "search": {"optim.lr": {"grid": [0.1, 0.01]}}}

@@ -193,6 +193,29 @@ def test_job_page_follows_a_job_to_success(browser, ui_server):
     assert browser.find(f'{row} [data-field="best"]')[0].text == "val_top5 1.000 (epoch 5)"
 
 
+def test_job_page_shows_a_rank_1_collapse_warning(browser, ui_server):
+    server, _, alice, _ = ui_server
+    with client_for(server, alice) as http:
+        healthy = http.post("/v1/jobs", json=tiny_spec("sleep1")).json()
+        job = http.post("/v1/jobs", json=tiny_spec("sleep2-collapse")).json()
+        browser.open_as(server, f"/jobs/{job['id']}", alice)
+        browser.wait(lambda: browser.status() == "succeeded", 120, "the page to show success")
+        warnings = http.get(f"/v1/jobs/{job['id']}").json()["warnings"]
+        assert len(warnings) == 1 and "up to 95% of the validation images" in warnings[0]
+        shown = browser.find('[data-warning="collapse"]')
+        assert [element.text for element in shown] == warnings
+        browser.open_as(server, f"/jobs/{healthy['id']}", alice)
+        browser.wait(
+            lambda: (
+                healthy["id"] in "".join(h.text for h in browser.find("h1"))
+                and browser.status() == "succeeded"
+            ),
+            120,
+            "the healthy job's page",
+        )
+        assert browser.find('[data-warning="collapse"]') == []
+
+
 def test_another_owners_job_is_not_found_as_in_the_api(browser, ui_server):
     server, _, alice, bob = ui_server
     with client_for(server, alice) as as_alice, client_for(server, bob) as as_bob:
