@@ -3,8 +3,10 @@
 1. finds Fashion-MNIST (Debian's dataset-fashion-mnist, else downloads the official files and
    checks their checksums) and writes long-tailed shards with the data layer's writer;
 2. starts the embedded service (`topk serve`: local Ray head, SQLite, local storage);
-3. submits over HTTP a cross-entropy job and a noised_topk_imbalanced job, follows them, and
-   prints top-1, top-K and macro-average top-K accuracy side by side.
+3. submits over HTTP a cross-entropy job and a noised_topk_imbalanced job (with the
+   cross-entropy warm-up the evidence report supports), at the settings and learning rates of the
+   report's long-tail arm (docs/results.md), follows them, and prints top-1, top-K, macro top-K
+   and the rank-1 collapse share side by side, then what the study concluded.
 Sized to finish in under 10 minutes on a 2-core machine.
 """
 
@@ -37,15 +39,29 @@ IDX_SHA256 = {
     "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
-K = 3  # top-3 of 10 classes: the same question as top-5 of 100
-IMBALANCE_RATIO = 50
-# (label, loss, learning rate). The imbalanced loss scales cosine scores by 60, so its gradients
-# are ~60x larger than a linear head's: at cross-entropy's lr 0.05 (and still at 0.005) it
-# collapses to a constant top-K from scratch; the paper's lr 0.002 trains.
+# The settings of the evidence report's long-tail arm (docs/results.md, experiments/paper-cpu.yaml:
+# Fashion-MNIST-LT at ratio 100, K = 2, convnet_small, 12 epochs), each loss at the learning
+# rate the study selected for it on the validation split of seed 0.
+K = 2
+IMBALANCE_RATIO = 100
+MAX_PER_CLASS = 2000  # 1,800 down to 18 training images a class, 200 validation images a class
+VAL_FRACTION = 0.1
+EPOCHS = 12
+# (label, loss, learning rate). The paper's imbalanced loss trained from scratch on this long
+# tail ranks one class first for most images (rank-1 collapse: top-1 near 0.1 at every rate the
+# study tried); two epochs of cross-entropy first (`ce_warmup_epochs`, the remedy the study
+# tested) avoid it. Cross-entropy beside it, as the baseline to beat.
 LOSSES = (
-    ("cross_entropy", {"name": "cross_entropy"}, 0.05),
-    ("noised_topk_imbalanced", {"name": "noised_topk_imbalanced", "k": K}, 0.002),
-)
+    ("cross_entropy", {"name": "cross_entropy"}, 0.3),
+    (
+        "noised_topk_imbalanced",
+        {
+            "name": "noised_topk_imbalanced", "k": K, "epsilon": 0.01, "max_m": 0.2,
+            "scale": 60.0, "n_samples": 5, "ce_warmup_epochs": 2,
+        },
+        0.01,
+    ),
+)  # fmt: skip
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="long-tailed Fashion-MNIST: cross-entropy vs noised_topk_imbalanced, end to end",
     )
     demo.add_argument("--data-dir", default=".topk-demo", help="default: %(default)s")
-    demo.add_argument("--epochs", type=int, default=6)
+    demo.add_argument("--epochs", type=int, default=EPOCHS, help="default: %(default)s")
     demo.add_argument("--port", type=int, default=0, help="service port (default: a free one)")
     demo.set_defaults(handler=run_demo)
 
@@ -99,8 +115,8 @@ def _idx_sha256(path: Path) -> str:
 
 
 def make_shards(source: Path, out: Path, log=print) -> Path:
-    """Long-tailed train split (class 0 keeps 1,200 images, the last one 1/50 of that) and a
-    balanced validation split of 300 per class. Reuses shards already written."""
+    """Long-tailed train split (class 0 keeps 1,800 images, the last one 1/100 of that) and a
+    balanced validation split of 200 per class. Reuses shards already written."""
     dataset_json = out / "dataset.json"
     if dataset_json.exists():
         log(f"shards: {out} (already written)")
@@ -109,7 +125,7 @@ def make_shards(source: Path, out: Path, log=print) -> Path:
     # the service reaches the runtime through its commands and the contract package only.
     command = [
         sys.executable, "-m", "service.cli", "shards", "build", str(source), str(out),
-        "--seed", "0", "--val-fraction", "0.2", "--max-per-class", "1500",
+        "--seed", "0", "--val-fraction", str(VAL_FRACTION), "--max-per-class", str(MAX_PER_CLASS),
         "--imbalance-ratio", str(IMBALANCE_RATIO),
         "--class-names", ",".join(FASHION_MNIST_CLASSES), "--quiet",
     ]  # fmt: skip
@@ -122,17 +138,18 @@ def make_shards(source: Path, out: Path, log=print) -> Path:
 
 
 def demo_spec(dataset_json: Path, name: str, loss: dict, lr: float, epochs: int) -> dict:
+    """The training spec of one demo job: the study's long-tail arm (its `training` block)."""
     return {
         "name": name,
         "data": {
             "train": str(dataset_json), "val": str(dataset_json), "num_classes": 10,
-            "image_size": 28, "channels": 1, "loader_workers": 0, "samples_per_epoch": 3072,
-            "augment": {"random_resized_crop": False, "hflip": True},
+            "image_size": 28, "channels": 1, "loader_workers": 0, "shuffle_buffer": 2000,
+            "augment": {"random_resized_crop": True, "crop_scale_min": 0.7, "hflip": False},
         },
-        "model": {"arch": "cifar_resnet20"},
+        "model": {"arch": "convnet_small"},
         "loss": loss,
         "optim": {"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 5e-4},
-        "schedule": {"name": "cosine"},
+        "schedule": {"name": "cosine", "warmup_epochs": 1 if epochs > 1 else 0},
         "epochs": epochs,
         "batch_size": 64,
         "metrics": {"ks": [1, K], "select": f"val_macro_top{K}"},
@@ -151,7 +168,9 @@ def run_demo(args) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
         source = locate_fashion_mnist(data_dir / "fashion-mnist")
-        dataset_json = make_shards(source, data_dir / "shards" / "fashion_mnist_lt")
+        dataset_json = make_shards(
+            source, data_dir / "shards" / f"fashion_mnist_lt{IMBALANCE_RATIO}"
+        )
     except (RuntimeError, ValueError) as exc:
         print(f"topk: error: {exc}", file=sys.stderr)
         return exit_codes.FAILED
@@ -235,7 +254,10 @@ def _follow(client, jobs: dict[str, str], epochs: int) -> dict[str, dict]:
                         f" epoch {metrics['epoch']}/{epochs}  top-1 {metrics.get('val_top1', 0):.3f}"
                         f"  top-{K} {metrics.get(f'val_top{K}', 0):.3f}"
                         f"  macro top-{K} {metrics.get(f'val_macro_top{K}', 0):.3f}"
+                        f"  collapse {metrics.get('val_collapse_share', float('nan')):.2f}"
                     )
+                    if metrics.get("collapse_warning"):
+                        line += "  <- rank-1 collapse warning"
                 print(line, flush=True)
             if job["status"] in TERMINAL:
                 if job["status"] != "succeeded":
@@ -246,8 +268,11 @@ def _follow(client, jobs: dict[str, str], epochs: int) -> dict[str, dict]:
 
 
 def _print_comparison(final: dict[str, dict]) -> None:
-    print(f"\nLong-tailed Fashion-MNIST (imbalance {IMBALANCE_RATIO}), balanced validation split:")
-    header = f"{'loss':<24} {'top-1':>7} {f'top-{K}':>7} {f'macro top-{K}':>13}"
+    print(
+        f"\nFashion-MNIST-LT (imbalance {IMBALANCE_RATIO}), balanced validation split, last epoch "
+        "(collapse: the share of images whose top-1 is the most-predicted class; 0.1 is even):"
+    )
+    header = f"{'loss':<24} {'top-1':>7} {f'top-{K}':>7} {f'macro top-{K}':>13} {'collapse':>9}"
     print(header)
     print("-" * len(header))
     for label in [label for label, _, _ in LOSSES if label in final]:
@@ -259,10 +284,21 @@ def _print_comparison(final: dict[str, dict]) -> None:
         print(
             f"{label:<24} {metrics.get('val_top1', float('nan')):>7.3f} "
             f"{metrics.get(f'val_top{K}', float('nan')):>7.3f} "
-            f"{metrics.get(f'val_macro_top{K}', float('nan')):>13.3f}"
+            f"{metrics.get(f'val_macro_top{K}', float('nan')):>13.3f} "
+            f"{metrics.get('val_collapse_share', float('nan')):>9.2f}"
         )
-    print(
-        "\nA few epochs from scratch favour cross-entropy; the paper's comparisons fine-tune a "
-        "pretrained\nResNet-50 for 30 epochs (examples/plantnet300k_*.yaml). Rerun with more "
-        "--epochs, or sweep\nloss.epsilon and optim.lr with `topk sweeps submit`."
-    )
+    for label, job in final.items():
+        for warning in job.get("warnings") or []:
+            print(f"{label}: {warning}")
+    print(EVIDENCE)
+
+
+EVIDENCE = """
+What the study behind this demo found (docs/results.md; `make results` reruns it):
+- on this long tail, trained from scratch, noised_topk_imbalanced alone collapses or trails;
+  two epochs of cross-entropy first (loss.ce_warmup_epochs: 2, used above) keep it from
+  collapsing, but it still ends below cross-entropy at this budget;
+- logit-adjusted cross-entropy (loss.name: logit_adjusted) was the strongest loss there;
+- the paper's own setting fine-tunes a pretrained ResNet-50 for 30 epochs
+  (examples/plantnet300k_*.yaml), which this demo does not test.
+Watch `collapse` in your own runs: the service warns when one class takes over top-1."""

@@ -227,6 +227,14 @@ def _dataset_section(
             f"{_fmt(row['seconds_per_epoch_mean'], row['seconds_per_epoch_std'], 1.0, 2)} | "
             f"{'n/a' if math.isnan(ratio) else f'{ratio:.2f}x'} |"
         )
+    for row in (r for r in rows if r["dataset"] == dataset.name and r["best_epoch_in_warmup"]):
+        warmup = row["params"]["ce_warmup_epochs"]
+        lines += [
+            "",
+            f"`{row['arm']}`: the best validation epoch of {row['best_epoch_in_warmup']} of "
+            f"{row['seeds']} seeds is within its {warmup} cross-entropy warm-up epochs, so those "
+            "seeds' test figures are of a cross-entropy model, not of the loss after it.",
+        ]
     curves = assets / f"curves-{dataset.name}.png"
     plot_curves(dataset, config, plan, records, curves)
     lines += ["", f"![validation curves, {dataset.name}]({curves.relative_to(page_dir)})", ""]
@@ -249,7 +257,8 @@ def _selection_section(
         "Learning rate (and swept loss hyperparameters) per dataset and arm, chosen on the "
         "validation macro-average top-K (%) of one seed at its best epoch; the chosen "
         "candidate in bold is the one every seed ran with. A choice at the edge of the grid "
-        "is marked *edge*: the best rate may lie outside it.",
+        "is marked *edge*: the best rate may lie outside it; *warm-up epoch*: a candidate whose "
+        "best epoch is within its cross-entropy warm-up (a cross-entropy model then).",
         "",
         "| dataset | arm | candidates: validation macro top-K | chosen |",
         "|---|---|---|---|",
@@ -266,6 +275,9 @@ def _selection_section(
                 f", {params_text(run.params)}" if _swept(config, dataset_name, arm) else ""
             )
             cell = f"{label}: {'n/a' if value is None else f'{value * 100:.1f}'}"
+            warmup = int(run.params.get("ce_warmup_epochs") or 0)
+            if (record.get("best_epoch") or math.inf) <= warmup:
+                cell += " (warm-up epoch)"
             cells.append(f"**{cell}**" if winner and run_id == winner.run_id else cell)
         chosen = "not yet" if winner is None else f"lr {winner.lr:g}"
         if winner is not None and grid and winner.lr in (grid[0], grid[-1]):

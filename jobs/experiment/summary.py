@@ -155,6 +155,10 @@ def summarize(
             best_epochs = [r["best_epoch"] for r in runs]
             row["best_epoch_median"] = statistics.median(best_epochs) if best_epochs else math.nan
             row["best_epoch_late"] = sum(e > epochs - LATE_EPOCHS for e in best_epochs)
+            # A loss with a cross-entropy warm-up whose best epoch is within it was, at its
+            # checkpoint, a cross-entropy model: its test figures say nothing of the loss.
+            warmup = int(row["params"].get("ce_warmup_epochs") or 0)
+            row["best_epoch_in_warmup"] = sum(e <= warmup for e in best_epochs)
             mean, std = _mean_std([r["seconds_per_epoch"] for r in runs])
             row["seconds_per_epoch_mean"], row["seconds_per_epoch_std"] = mean, std
             rows.append(row)

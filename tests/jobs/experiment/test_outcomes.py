@@ -83,3 +83,23 @@ def test_failed_runs_leave_the_means_and_collapsed_ones_stay(
     (row,) = summarize(config, plan, records)
     assert (row["seeds"], row["planned"], row["failed"], row["collapsed"]) == (2, 4, 2, 1)
     assert row["test_top5_mean"] == pytest.approx(0.8)  # seeds 0 and 1
+
+
+def test_seeds_whose_best_epoch_is_in_the_cross_entropy_warm_up_are_counted(
+    make_plan, dataset_entry, make_record, finals
+):
+    """A loss trained after a cross-entropy warm-up whose best checkpoint falls within the
+    warm-up was a cross-entropy model there: the row counts those seeds (the report says so)."""
+    arm = {"loss": "noised_topk", "ce_warmup_epochs": 2}
+    config, plan = make_plan(
+        {"seeds": [0, 1, 2], "losses": {"warm": arm, "noised_topk": {}},
+         "datasets": [dataset_entry("d")]},
+        num_classes=10,
+    )  # fmt: skip
+    records = {}
+    for arm_name in ("warm", "noised_topk"):
+        for seed, run in finals(plan, "d", arm_name).items():
+            records[run.run_id] = make_record(run, 5, test=0.8, val=0.7, best_epoch=[2, 1, 3][seed])
+    rows = {row["arm"]: row for row in summarize(config, plan, records)}
+    assert rows["warm"]["best_epoch_in_warmup"] == 2  # epochs 2 and 1; epoch 3 is the loss's
+    assert rows["noised_topk"]["best_epoch_in_warmup"] == 0  # no warm-up: nothing to count
