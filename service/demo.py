@@ -70,9 +70,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="long-tailed Fashion-MNIST: cross-entropy vs noised_topk_imbalanced, end to end",
     )
     demo.add_argument("--data-dir", default=".topk-demo", help="default: %(default)s")
-    demo.add_argument("--epochs", type=int, default=EPOCHS, help="default: %(default)s")
+    demo.add_argument(
+        "--epochs",
+        type=_epochs,
+        default=EPOCHS,
+        help="default: %(default)s (at least 3: the imbalanced loss starts after 2 epochs of "
+        "cross-entropy)",
+    )
     demo.add_argument("--port", type=int, default=0, help="service port (default: a free one)")
     demo.set_defaults(handler=run_demo)
+
+
+def _epochs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 3 <= value <= 200:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 3 to 200, got {text!r}")
+    return value
 
 
 def locate_fashion_mnist(cache_dir: Path, log=print) -> Path:

@@ -68,3 +68,13 @@ def test_each_demo_job_trains_as_its_arm_of_the_study(study, dataset_json, label
     assert ours["metrics"]["select"] == studied["metrics"]["select"]
     spec = resolve_class_counts(parse_spec(ours))
     assert spec.loss.name == loss["name"] and spec.epochs == demo.EPOCHS
+
+
+def test_too_few_epochs_for_the_warm_up_are_refused_before_anything_starts(tmp_path, capsys):
+    from service.cli import main as topk_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        topk_main(["demo", "--epochs", "2", "--data-dir", str(tmp_path / "demo")])
+    assert exit_info.value.code == 2
+    assert "expected a whole number from 3 to 200, got '2'" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # nothing written, no service started
