@@ -114,29 +114,38 @@ def long_tail_verdicts(
         diffs = {
             b: paired(mine, seed_values(plan, records, dataset.name, b, key)) for b in baselines
         }
-        if not diffs or any(d.n < 2 for d in diffs.values()):
-            short = [b for b, d in diffs.items() if d.n < 2] or ["no baseline"]
+        # A baseline with fewer than 2 seeds paired (its runs or the method's failed) cannot be
+        # judged; the others still can: the claim fails on any of them, and holds only when
+        # every baseline was judged and beaten.
+        unpaired = [b for b, d in diffs.items() if d.n < 2]
+        judged = {b: d for b, d in diffs.items() if d.n >= 2}
+        if not judged:
             verdicts.append(
                 Verdict(
                     "2",
                     dataset.name,
                     method,
                     None,
-                    f"fewer than 2 paired seeds: {', '.join(short)}",
+                    f"fewer than 2 paired seeds: {', '.join(unpaired) or 'no baseline'}",
                 )
             )
             continue
-        closest = min(diffs, key=lambda b: diffs[b].low)
-        shown = [b for b, d in diffs.items() if d.above]
-        worse = [b for b, d in diffs.items() if d.high < 0]
+        closest = min(judged, key=lambda b: judged[b].low)
+        shown = [b for b, d in judged.items() if d.above]
+        worse = [b for b, d in judged.items() if d.high < 0]
         text = (
-            f"closest baseline {closest}: {diffs[closest].text()}; beaten (interval above 0) "
-            f"by {len(shown)} of {len(diffs)}"
+            f"closest baseline {closest}: {judged[closest].text()}; beaten (interval above 0) "
+            f"by {len(shown)} of {len(judged)}"
         )
         if worse:
             text += f"; worse beyond seed noise than {', '.join(worse)}"
-        text += "; all: " + ", ".join(f"{b} {d.short()}" for b, d in diffs.items())
-        verdicts.append(Verdict("2", dataset.name, method, len(shown) == len(diffs), text))
+        text += "; all: " + ", ".join(f"{b} {d.short()}" for b, d in judged.items())
+        if unpaired:
+            text += f"; not judged (fewer than 2 paired seeds): {', '.join(unpaired)}"
+        held: bool | None = len(shown) == len(judged)
+        if held and unpaired:
+            held = None  # beat every baseline it could be paired with, but not all were
+        verdicts.append(Verdict("2", dataset.name, method, held, text))
     return verdicts
 
 

@@ -161,3 +161,19 @@ def test_a_missing_arm_is_not_measured(make_plan, dataset_entry, make_record, fi
     config, plan = _grid(make_plan, dataset_entry, study)
     page = "\n".join(claims_section(config, plan, {}))
     assert "not measured" in page and "**held**" not in page
+
+
+def test_claim2_judges_the_baselines_it_can_pair_and_names_the_others(
+    make_plan, dataset_entry, make_record, finals
+):
+    """A baseline whose runs failed (fewer than 2 seeds to pair) is named, not judged; the claim
+    still fails on a baseline it could be paired with, and cannot hold with one unjudged."""
+    ldam_failed = [0.9, None, None, None, None]
+    behind = {"cross_entropy": 0.80, "ldam": ldam_failed, "noised_topk_imbalanced": 0.75}
+    verdict = _claim2(make_plan, dataset_entry, make_record, finals, behind)[3]
+    assert verdict.held is False
+    assert "beaten (interval above 0) by 0 of 1" in verdict.text
+    assert "not judged (fewer than 2 paired seeds): ldam" in verdict.text
+    ahead = {"cross_entropy": 0.70, "ldam": ldam_failed, "noised_topk_imbalanced": 0.75}
+    verdict = _claim2(make_plan, dataset_entry, make_record, finals, ahead)[3]
+    assert verdict.held is None and "beaten (interval above 0) by 1 of 1" in verdict.text
