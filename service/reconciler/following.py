@@ -45,7 +45,7 @@ class Following:
         try:
             info = self.launcher.info(job.submission_id)
         except LaunchError as exc:
-            self.store.touch(job.id, f"Ray unreachable, will retry: {exc}")
+            self.store.touch(job.id, f"Ray unreachable, will retry: {exc}", expect=job.status)
             return
         if info is None:
             if job.status == LAUNCHING:
@@ -58,7 +58,9 @@ class Following:
             return
         if info.status == "PENDING":
             if job.status == LAUNCHING:
-                self.store.touch(job.id, f"Ray job {info.submission_id} is pending")
+                self.store.touch(
+                    job.id, f"Ray job {info.submission_id} is pending", expect=job.status
+                )
             return
         if info.status == "RUNNING":
             if job.status == LAUNCHING:

@@ -96,7 +96,7 @@ class Launching:
             capacity = self.launcher.capacity()
         except LaunchError as exc:
             for job in queued:
-                self.store.touch(job.id, f"waiting: Ray unreachable ({exc})")
+                self.store.touch(job.id, f"waiting: Ray unreachable ({exc})", expect=job.status)
             return
         capacity["CPU"] = max(capacity["CPU"], self.settings.cluster_max_cpus or 0.0)
         capacity["GPU"] = max(capacity["GPU"], self.settings.cluster_max_gpus or 0.0)
@@ -105,7 +105,7 @@ class Launching:
         for position, job in enumerate(queued, start=1):
             reason = admission.wait_reason(job, position)
             if reason:
-                self.store.touch(job.id, reason)
+                self.store.touch(job.id, reason, expect=job.status)
             elif reason is None and self.isolated(self._launch, job):
                 admission.launched(job)
 
@@ -147,7 +147,9 @@ class Launching:
             self.store.transition(job.id, FAILED, f"{problem}{suffix}", expect=QUEUED)
             return
         self.store.touch(
-            job.id, f"{problem}; will retry ({failures} of {self.settings.max_attempts})"
+            job.id,
+            f"{problem}; will retry ({failures} of {self.settings.max_attempts})",
+            expect=job.status,
         )
 
     def submit(self, job: JobRow) -> None:
@@ -177,13 +179,13 @@ class Launching:
             # Cancelled while we were submitting: the cancel may have found nothing to stop.
             self.stop_quietly(job.submission_id)
         else:
-            self.store.touch(job.id, f"submitted to Ray as {job.submission_id}")
+            self.store.touch(job.id, f"submitted to Ray as {job.submission_id}", expect=job.status)
 
     def _submit_failed(self, job: JobRow, exc: LaunchError) -> None:
         failures = self.submit_failures.get(job.id, 0) + 1
         self.submit_failures[job.id] = failures
         if failures < self.settings.max_attempts:
-            self.store.touch(job.id, f"submission failed, will retry: {exc}")
+            self.store.touch(job.id, f"submission failed, will retry: {exc}", expect=job.status)
             return
         reason = f"Ray refused the submission {failures} times: {exc}"
         self.store.transition(job.id, FAILED, reason, expect=LAUNCHING)

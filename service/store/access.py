@@ -365,12 +365,23 @@ class Store:
             )
         return self.get_job(job_id)
 
-    def touch(self, job_id: str, reason: str) -> None:
-        """Update the status reason without a transition (e.g. why a queued job waits)."""
+    def touch(self, job_id: str, reason: str, *, expect: str | Iterable[str] | None = None) -> None:
+        """Update the status reason without a transition (e.g. why a queued job waits), only
+        while the job is in one of the `expect` statuses (the one the caller saw; default: any
+        status but a terminal one). A compare-and-set like `transition`: a job cancelled (or
+        moved on) after the caller read it keeps the reason of its new status."""
+        if expect is None:
+            allowed = set(STATUSES) - set(TERMINAL)
+        else:
+            allowed = {expect} if isinstance(expect, str) else set(expect)
         with self._write() as conn:
             conn.execute(
                 jobs.update()
-                .where(jobs.c.id == job_id, jobs.c.status_reason.is_distinct_from(reason))
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.status.in_(sorted(allowed)),
+                    jobs.c.status_reason.is_distinct_from(reason),
+                )
                 .values(status_reason=reason, updated_at=self.clock())
             )
 

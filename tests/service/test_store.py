@@ -188,3 +188,20 @@ def test_the_checkpointer_keeps_the_sqlite_wal_short_under_steady_writes(tmp_pat
     finally:
         store.close()
     assert not store._checkpointer.is_alive()
+
+
+def test_touch_never_overwrites_the_reason_of_a_job_that_moved_on(store):
+    """The reconciler reads a job, then notes why it waits; a cancel in between wins: the
+    cancelled job keeps "cancelled by ..." (the note is a compare-and-set on the status)."""
+    owner_id = owner(store, "alice")
+    job, _ = new_job(store, owner_id)
+    store.touch(job.id, "waiting: 1 job ahead", expect=QUEUED)
+    assert store.get_job(job.id).status_reason == "waiting: 1 job ahead"
+    store.transition(job.id, LAUNCHING, "launching", expect=QUEUED)
+    store.transition(job.id, CANCELLED, "cancelled by alice", expect=LAUNCHING)
+    store.touch(job.id, "Ray job x is pending", expect=LAUNCHING)  # read before the cancel
+    store.touch(job.id, "reconciler error, will retry")  # default: non-terminal jobs only
+    assert store.get_job(job.id).status_reason == "cancelled by alice"
+    other, _ = new_job(store, owner_id)
+    store.touch(other.id, "submitted to Ray", expect=LAUNCHING)  # it is still queued
+    assert store.get_job(other.id).status_reason == other.status_reason != "submitted to Ray"
