@@ -32,7 +32,7 @@ test: setup lint
 	$(BIN)/python -m pytest -q
 
 # The evidence report: trains the grid (resuming), then writes docs/results.md and docs/results/.
-# The full protocol where torch sees a GPU, else the reduced CPU grid (about 2 hours on 2 cores);
+# The full protocol where torch sees a GPU, else the reduced CPU grid (71 minutes on 2 cores);
 # override with RESULTS_CONFIG=..., and CONCURRENCY=N for the runs trained at once.
 RESULTS_CONFIG ?= $(shell $(BIN)/python -c "import torch; print('experiments/paper.yaml' if torch.cuda.is_available() else 'experiments/paper-cpu.yaml')" 2>/dev/null || echo experiments/paper-cpu.yaml)
 CONCURRENCY ?=

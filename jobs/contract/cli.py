@@ -11,10 +11,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from jobs.contract import exit_codes
 from jobs.contract.urls import url_limits_from_env
+
+
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse `type` for a whole number in [low, high] (no upper bound when `high` is
+    None), refused with one line that says the range and echoes what was typed."""
+    expected = f"from {low} to {high}" if high is not None else f"of at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected a whole number {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

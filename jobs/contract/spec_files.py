@@ -210,7 +210,7 @@ def resolve_class_counts(
 
 def _train_counts_from_dataset(spec: TrainSpec, context: dict[str, Any]) -> list[int]:
     location = parse_source(spec.data.train).dataset_location
-    limits = {k: context[k] for k in ("allowed_protocols", "allowed_roots") if k in context}
+    limits = _url_limits(context)
     try:
         info = read_dataset_info(location, **limits)
         counts = info.class_counts["train"]
@@ -241,6 +241,11 @@ def _train_counts_from_dataset(spec: TrainSpec, context: dict[str, Any]) -> list
         raise SpecError([("loss.class_counts", f"the dataset at {location}: {exc}")]) from None
 
 
+def _url_limits(context: dict[str, Any]) -> dict[str, Any]:
+    """The URL allow-list entries of a validation context, as read_dataset_info takes them."""
+    return {k: context[k] for k in ("allowed_protocols", "allowed_roots") if k in context}
+
+
 def check_decode_format(
     spec: TrainSpec | SweepSpec, *, context: dict[str, Any] | None = None
 ) -> None:
@@ -253,17 +258,15 @@ def check_decode_format(
     data = spec.data
     if data.decode != "device":
         return
-    limits = {
-        k: (context or {})[k]
-        for k in ("allowed_protocols", "allowed_roots")
-        if k in (context or {})
-    }
+    limits = _url_limits(context or {})
+    read: set[str] = set()
     for field, source in (("data.train", data.train), ("data.val", data.val)):
-        if source is None:
+        parsed = parse_source(source) if source is not None else None
+        if parsed is None or parsed.dataset is None or not is_local(parsed.dataset):
             continue
-        parsed = parse_source(source)
-        if parsed.dataset is None or not is_local(parsed.dataset):
-            continue
+        if parsed.dataset in read:
+            continue  # data.val is often data.train's dataset (another split): read once
+        read.add(parsed.dataset)
         try:
             image_format = read_dataset_info(parsed.dataset, **limits).source.get("image_format")
         except (OSError, ValueError):

@@ -11,13 +11,7 @@ import argparse
 import sys
 
 from jobs.contract import exit_codes
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from jobs.contract.cli import whole_number
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     build.add_argument("--val-fraction", type=float, default=0.2, help="per class (default 0.2)")
     build.add_argument("--test-fraction", type=float, default=0.0, help="per class (default 0)")
-    build.add_argument("--max-per-class", type=_positive_int, help="keep at most N per class")
+    build.add_argument("--max-per-class", type=whole_number(1), help="keep at most N per class")
     build.add_argument(
         "--imbalance-ratio",
         type=float,
@@ -54,12 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep the source bytes (default) or re-encode; arrays are encoded as PNG by 'keep'",
     )
     build.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default 90)")
-    build.add_argument("--max-size", type=_positive_int, help="shrink images to at most S pixels")
+    build.add_argument("--max-size", type=whole_number(1), help="shrink images to at most S pixels")
     build.add_argument(
-        "--shard-samples", type=_positive_int, default=10_000, help="samples per shard (max)"
+        "--shard-samples", type=whole_number(1), default=10_000, help="samples per shard (max)"
     )
     build.add_argument(
-        "--shard-mb", type=_positive_int, default=256, help="megabytes per shard (max, default 256)"
+        "--shard-mb",
+        type=whole_number(1),
+        default=256,
+        help="megabytes per shard (max, default 256)",
     )
     build.add_argument("--class-names", help="comma-separated class names, in label order")
     build.add_argument("--quiet", action="store_true", help="no progress lines")

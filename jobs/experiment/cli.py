@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from jobs.contract import exit_codes
+from jobs.contract.cli import whole_number
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,23 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=whole_number(1, 64),
         metavar="N",
         help="runs trained at the same time, each in its own process, sharing the GPU when there "
         "is one (default: the config's `concurrency`, else 2 on the CPU and 4 on a GPU); "
         "runs use the GPU when torch finds one, unless TOPK_DEVICE=cpu",
     )
     parser.set_defaults(handler=run_experiment_command)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 64, got {text!r}")
-    return value
 
 
 def run_experiment_command(args: argparse.Namespace) -> int:

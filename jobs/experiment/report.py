@@ -27,7 +27,14 @@ from jobs.experiment.config import DatasetConfig, ExperimentConfig
 from jobs.experiment.plan import Plan
 from jobs.experiment.plots import plot_class_recall, plot_curves
 from jobs.experiment.protocol import grid_section, rules_section, setup_section
-from jobs.experiment.summary import LATE_EPOCHS, params_text, run_outcome, run_rows, summarize
+from jobs.experiment.summary import (
+    LATE_EPOCHS,
+    in_warmup,
+    params_text,
+    run_outcome,
+    run_rows,
+    summarize,
+)
 
 
 def _fmt(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
@@ -275,8 +282,7 @@ def _selection_section(
                 f", {params_text(run.params)}" if _swept(config, dataset_name, arm) else ""
             )
             cell = f"{label}: {'n/a' if value is None else f'{value * 100:.1f}'}"
-            warmup = int(run.params.get("ce_warmup_epochs") or 0)
-            if (record.get("best_epoch") or math.inf) <= warmup:
+            if in_warmup(run.params, record.get("best_epoch")):
                 cell += " (warm-up epoch)"
             cells.append(f"**{cell}**" if winner and run_id == winner.run_id else cell)
         chosen = "not yet" if winner is None else f"lr {winner.lr:g}"

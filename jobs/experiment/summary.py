@@ -124,6 +124,14 @@ def seed_values(
     }
 
 
+def in_warmup(params: dict[str, Any], best_epoch: int | None) -> bool:
+    """Whether a run of a loss with a cross-entropy warm-up (`ce_warmup_epochs` in its params)
+    had its best epoch within the warm-up: a cross-entropy model at that checkpoint, whose
+    figures say nothing of the loss. False without a warm-up or a best epoch."""
+    warmup = int(params.get("ce_warmup_epochs") or 0)
+    return best_epoch is not None and best_epoch <= warmup
+
+
 def summarize(
     config: ExperimentConfig, plan: Plan, records: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -155,10 +163,7 @@ def summarize(
             best_epochs = [r["best_epoch"] for r in runs]
             row["best_epoch_median"] = statistics.median(best_epochs) if best_epochs else math.nan
             row["best_epoch_late"] = sum(e > epochs - LATE_EPOCHS for e in best_epochs)
-            # A loss with a cross-entropy warm-up whose best epoch is within it was, at its
-            # checkpoint, a cross-entropy model: its test figures say nothing of the loss.
-            warmup = int(row["params"].get("ce_warmup_epochs") or 0)
-            row["best_epoch_in_warmup"] = sum(e <= warmup for e in best_epochs)
+            row["best_epoch_in_warmup"] = sum(in_warmup(row["params"], e) for e in best_epochs)
             mean, std = _mean_std([r["seconds_per_epoch"] for r in runs])
             row["seconds_per_epoch_mean"], row["seconds_per_epoch_std"] = mean, std
             rows.append(row)

@@ -189,7 +189,7 @@ def build_trainer(
 def summarize_run(spec: TrainSpec, run_dir: str, *, error: str | None = None) -> dict[str, Any]:
     """result.json's content from the run's metrics.jsonl: status, epochs, best epoch's
     metrics by `metrics.select`, and `warnings` (the epochs flagged for rank-1 collapse,
-    jobs/training/collapse.py) when there are any."""
+    jobs.contract.run_files.collapse_warnings) when there are any."""
     from jobs.contract.run_files import collapse_warnings
 
     history = read_metrics(join(run_dir, "metrics.jsonl"))

@@ -371,7 +371,7 @@ class Store:
         status but a terminal one). A compare-and-set like `transition`: a job cancelled (or
         moved on) after the caller read it keeps the reason of its new status."""
         if expect is None:
-            allowed = set(STATUSES) - set(TERMINAL)
+            allowed = _NOT_TERMINAL
         else:
             allowed = {expect} if isinstance(expect, str) else set(expect)
         with self._write() as conn:
@@ -384,6 +384,9 @@ class Store:
                 )
                 .values(status_reason=reason, updated_at=self.clock())
             )
+
+
+_NOT_TERMINAL = frozenset(STATUSES) - TERMINAL
 
 
 def _submitted_event(job_values: dict[str, Any]) -> dict[str, Any]:

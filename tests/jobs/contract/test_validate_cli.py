@@ -200,3 +200,20 @@ def test_device_decoding_of_a_dataset_that_holds_no_jpeg_is_refused(
         assert code == exit_codes.OK, err
     # --no-resolve reads no dataset.json, so it cannot tell
     assert topk_main(["validate", "--no-resolve", spec]) == exit_codes.OK
+
+
+def test_whole_number_arguments_say_their_range():
+    """The argparse type the commands share (`--concurrency`, `--epochs`, `--max-per-class`)."""
+    import argparse
+
+    from jobs.contract.cli import whole_number
+
+    assert whole_number(1, 64)("64") == 64 and whole_number(1)("1000000") == 1000000
+    for parse, text, message in (
+        (whole_number(1, 64), "65", "expected a whole number from 1 to 64, got '65'"),
+        (whole_number(3, 200), "x", "expected a whole number from 3 to 200, got 'x'"),
+        (whole_number(1), "0", "expected a whole number of at least 1, got '0'"),
+        (whole_number(1), "1.5", "expected a whole number of at least 1, got '1.5'"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match=message.replace(".", r"\.")):
+            parse(text)
