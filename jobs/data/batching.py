@@ -5,7 +5,11 @@ stream counts it as bad_image) and hands out a batch as a dict of arrays (`emit`
 to the rank's process through the DataLoader:
 
 - `PixelBatcher` (data.decode "cpu"): decodes, crops, resizes and flips each image with PIL
-  and emits normalised float32 images [n, C, S, S] (`images`) and int64 labels (`labels`);
+  and emits the uint8 pixels [n, S, S] or [n, S, S, 3] (`pixels`) and int64 labels (`labels`).
+  The rank's process normalises them: on the host with `normalise_pixels` for a CPU run, or on
+  the GPU (`PixelBatch.decode`, after the copy) for a GPU run. Pixels are a quarter of the
+  bytes of float32 images through the worker's pipe or shared memory, the pinned buffer and
+  the host-to-device copy;
 - `JpegBatcher` (data.decode "device"): reads each JPEG's header only, picks the same view as
   the CPU path, and emits the bytes back to back (`jpeg`, `lengths`), the views (`boxes`,
   `flips`), the sample keys and the labels; `jobs.data.device_decode.JpegBatch` decodes them on
@@ -15,6 +19,8 @@ to the rank's process through the DataLoader:
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,8 +43,51 @@ def normalisation(augment: AugmentSpec, channels: int) -> tuple[np.ndarray, np.n
     return (1.0 / (255.0 * std)).astype(np.float32), (mean / std).astype(np.float32)
 
 
+def normalise_pixels(pixels: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """uint8 pixels [n, S, S] or [n, S, S, 3] -> float32 images [n, C, S, S], x * scale - shift
+    per channel (`normalisation`), on the host. RGB images keep the pixels' channel-last
+    memory order (a NCHW view with channels_last strides), as `PixelBatch.decode` does."""
+    channels = 1 if pixels.ndim == 3 else pixels.shape[3]
+    pixels = pixels[:, None] if pixels.ndim == 3 else pixels.transpose(0, 3, 1, 2)
+    # One pass with NumPy, no intra-op thread pool (torch's spins for milliseconds per op on a
+    # busy machine).
+    images = np.multiply(pixels, scale.reshape(1, channels, 1, 1), dtype=np.float32)
+    images -= shift.reshape(1, channels, 1, 1)
+    return images
+
+
+@dataclass
+class PixelBatch:
+    """A batch of uint8 pixels (a pinned tensor [n, S, S] or [n, S, S, 3]) for a GPU run: the
+    training loop copies the pixels to its device and normalises them there (`decode`), so a
+    quarter of the bytes of float32 images are pinned and copied."""
+
+    pixels: torch.Tensor
+    scale: Sequence[float]
+    shift: Sequence[float]
+
+    def __len__(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def decode(
+        self, device: torch.device | str, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images float32 [n, C, S, S] normalised, labels [n]), both on `device`, with the
+        same values as `normalise_pixels` (the same float32 products and differences); no
+        read back to the host."""
+        pixels = self.pixels.to(device, non_blocking=True)
+        pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
+        images = pixels.float()  # keeps the channel-last strides of RGB pixels
+        if len(set(self.scale)) == 1 and len(set(self.shift)) == 1:
+            images.mul_(self.scale[0]).sub_(self.shift[0])
+        else:
+            for channel, (scale, shift) in enumerate(zip(self.scale, self.shift, strict=True)):
+                images[:, channel].mul_(scale).sub_(shift)
+        return images, labels.to(device, non_blocking=True)
+
+
 class PixelBatcher:
-    """Decoded, normalised images: uint8 pixels gathered in place, normalised once per batch."""
+    """Decoded images: uint8 pixels gathered in place, a batch at a time."""
 
     def __init__(
         self, *, batch_size: int, size: int, channels: int, train: bool, augment: AugmentSpec
@@ -48,8 +97,6 @@ class PixelBatcher:
         shape = (batch_size, size, size) + ((3,) if channels == 3 else ())
         self._images = np.empty(shape, dtype=np.uint8)
         self._labels = np.empty(batch_size, dtype=np.int64)
-        scale, shift = normalisation(augment, channels)
-        self._scale, self._shift = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
         self.count = 0
 
     def add(self, sample: RawSample, rng: random.Random) -> None:
@@ -66,22 +113,19 @@ class PixelBatcher:
         self.count += 1
 
     def emit(self, tensors: bool) -> dict[str, Any]:
-        """The batch so far (then empty): arrays, or tensors when `tensors` (to be pinned)."""
-        # Normalise here with NumPy: one pass, in the worker process, and no intra-op thread
-        # pool (torch's spins for milliseconds per op on a busy machine).
-        pixels = self._images[: self.count]
-        pixels = pixels[:, None] if self.channels == 1 else pixels.transpose(0, 3, 1, 2)
-        images = np.multiply(pixels, self._scale, dtype=np.float32)
-        images -= self._shift
+        """The batch so far (then empty): uint8 `pixels` and int64 `labels`, as arrays, or as
+        tensors when `tensors` (a GPU run's DataLoader pins them)."""
+        pixels = self._images[: self.count].copy()
         labels = self._labels[: self.count].copy()
         self.count = 0
-        # NumPy arrays, not tensors: they cross to the main process pickled through the worker's
-        # pipe, which for batches this size is cheaper than a new shared-memory segment per
-        # tensor (measured: 1 worker went from ~0.77 to ~0.9 of the in-process rate). The main
-        # process wraps them without a copy. A GPU run pins them: shared-memory tensors then.
+        # NumPy arrays, not tensors, for a CPU run: they cross to the main process pickled
+        # through the worker's pipe, which for batches this size is cheaper than a new
+        # shared-memory segment per tensor (measured: 1 worker went from ~0.77 to ~0.9 of the
+        # in-process rate). The main process wraps them without a copy. A GPU run pins them:
+        # shared-memory tensors then.
         if tensors:
-            return {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
-        return {"images": images, "labels": labels}
+            return {"pixels": torch.from_numpy(pixels), "labels": torch.from_numpy(labels)}
+        return {"pixels": pixels, "labels": labels}
 
 
 class JpegBatcher:

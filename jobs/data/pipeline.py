@@ -9,15 +9,17 @@
                                    sample exactly once
 3. `ShardStream` (shard_stream.py) in each worker: read the slot's shards with webdataset
                                    (shard_reader.py), count bad samples by reason, shuffle
-                                   (train), and batch: decoded and normalised images
-                                   (data.decode "cpu", image_decode.py) or JPEG bytes with each
-                                   image's crop and flip (data.decode "device", batching.py)
+                                   (train), and batch: decoded uint8 pixels (data.decode "cpu",
+                                   image_decode.py) or JPEG bytes with each image's crop and
+                                   flip (data.decode "device"), batching.py
 4. `ShardLoader` (here)            the DataLoader in the rank's process (persistent workers,
                                    pinned batches for a GPU): sums the workers' counters into
                                    `.stats`, turns a worker's error into a DataPipelineError,
-                                   and yields (images, labels), where images is a tensor or,
-                                   with data.decode "device", a `JpegBatch` that the training
-                                   loop decodes on its device (device_decode.py)
+                                   and yields (images, labels), where images is a normalised
+                                   float tensor or, for a GPU run, a `PixelBatch` (uint8, a
+                                   quarter of the bytes to pin and copy), or with data.decode
+                                   "device" a `JpegBatch`, that the training loop normalises or
+                                   decodes on its device (batching.py, device_decode.py)
 
 Training: every rank yields exactly `steps_per_epoch` batches (from `samples_per_epoch` or the
 dataset.json count), each worker cycling its shards if it runs short, so no rank waits at the
@@ -40,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from jobs.contract.data import DataSpec, ShardSource
 from jobs.contract.urls import ALLOWED_PROTOCOLS
-from jobs.data.batching import normalisation
+from jobs.data.batching import PixelBatch, normalisation, normalise_pixels
 from jobs.data.device_decode import JpegBatch
 from jobs.data.shard_format import SKIP_REASONS
 from jobs.data.shard_stream import ShardStream
@@ -95,7 +97,9 @@ def _keep_batch(batch: dict[str, Any]) -> dict[str, Any]:
 
 class ShardLoader:
     """Iterate (images, labels long [B]) for one rank; images are float [B, channels, S, S]
-    normalised, or with data.decode "device" a JpegBatch to decode on the training device.
+    normalised, or, for the training loop to decode on its device (`DevicePrefetcher`): with
+    `pin_memory` (a GPU run) a PixelBatch of pinned uint8 pixels, and with data.decode "device"
+    a JpegBatch.
 
     `stats` (LoaderStats) holds the counts of the current or last pass. Raises
     DataPipelineError (naming the spec field and shard) when a shard is missing or unreadable,
@@ -110,6 +114,7 @@ class ShardLoader:
         self._loader: DataLoader | None = None
         data = stream.data
         scale, shift = normalisation(data.augment, data.channels)
+        self._scale, self._shift = scale, shift
         self._jpeg_options = {
             "size": data.image_size,
             "channels": data.channels,
@@ -133,10 +138,12 @@ class ShardLoader:
             )
         return self._loader
 
-    def _images(self, batch: dict[str, Any]) -> torch.Tensor | JpegBatch:
-        if "jpeg" not in batch:
-            images = batch["images"]
-            return torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+    def _images(self, batch: dict[str, Any]) -> torch.Tensor | PixelBatch | JpegBatch:
+        if "pixels" in batch:
+            pixels = batch["pixels"]
+            if isinstance(pixels, np.ndarray):  # a CPU run: normalised here, on the host
+                return torch.from_numpy(normalise_pixels(pixels, self._scale, self._shift))
+            return PixelBatch(pixels, self._jpeg_options["scale"], self._jpeg_options["shift"])
         return JpegBatch(
             data=torch.from_numpy(batch["jpeg"]),
             lengths=batch["lengths"].tolist(),
@@ -157,7 +164,7 @@ class ShardLoader:
                 f"data.max_bad_fraction={limit}"
             )
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | JpegBatch, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | PixelBatch | JpegBatch, torch.Tensor]]:
         self.stats = LoaderStats()
         for batch in self._data_loader():
             if "error" in batch:

@@ -146,9 +146,10 @@ def use_channels_last(device: torch.device | str, model: nn.Module) -> bool:
 
 
 class EncodedImages(Protocol):
-    """A batch whose images are still encoded (data.decode "device": the data layer's
-    `JpegBatch`): `decode` returns (images [B, C, S, S] float, labels [B]) on `device`, with
-    no read back to the host."""
+    """A batch whose images are not yet model input: uint8 pixels of a GPU run (the data
+    layer's `PixelBatch`) or JPEGs (data.decode "device": `JpegBatch`). `decode` returns
+    (images [B, C, S, S] float, normalised, labels [B]) on `device`, with no read back to the
+    host."""
 
     def decode(
         self, device: torch.device, labels: torch.Tensor

@@ -17,7 +17,13 @@ from pydantic import ValidationError
 from reference_data import require_fashion_mnist, tar_bytes
 
 from jobs.contract.data import AugmentSpec, DataSpec
-from jobs.data.batching import JpegBatcher
+from jobs.data.batching import (
+    JpegBatcher,
+    PixelBatch,
+    PixelBatcher,
+    normalisation,
+    normalise_pixels,
+)
 from jobs.data.device_decode import JpegBatch
 from jobs.data.pipeline import DataPipelineError, build_eval_loader, build_train_loader
 from jobs.data.shard_format import RawSample
@@ -299,3 +305,105 @@ def test_nvjpeg_batches_match_cpu_decoded_without_a_torch_host_sync(jpeg_dataset
         assert torch.equal(cpu_labels, gpu_labels)
         difference = (pixel_units(gpu_images, spec) - pixel_units(cpu_images, spec)).abs()
         assert difference[..., 2:-2, 2:-2].max() <= 6.0 and difference.mean() <= 0.75
+
+
+# --- data.decode "cpu" on a GPU run: uint8 pixels cross to the loop, normalised on its device --
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pixels_normalised_on_the_device_equal_those_normalised_on_the_host(channels):
+    """PixelBatch.decode (the GPU run's path, here on the CPU) gives exactly the host's
+    normalisation: the same float32 values and the same memory order."""
+    rng = np.random.default_rng(channels)
+    shape = (5, 7, 7) if channels == 1 else (5, 7, 7, 3)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    augment = AugmentSpec(mean=MEAN[:channels], std=STD[:channels])
+    scale, shift = normalisation(augment, channels)
+    labels = torch.arange(5)
+    on_host = torch.from_numpy(normalise_pixels(pixels, scale, shift))
+    images, got_labels = PixelBatch(
+        torch.from_numpy(pixels), scale.tolist(), shift.tolist()
+    ).decode("cpu", labels)
+    assert images.shape == (5, channels, 7, 7) and images.dtype == torch.float32
+    assert torch.equal(images, on_host) and images.stride() == on_host.stride()
+    assert torch.equal(got_labels, labels)
+    mean = torch.tensor(MEAN[:channels]).view(1, -1, 1, 1)
+    std = torch.tensor(STD[:channels]).view(1, -1, 1, 1)
+    reference = (torch.from_numpy(pixels).float().view(5, 7, 7, channels).permute(0, 3, 1, 2)
+                 / 255 - mean) / std  # fmt: skip
+    torch.testing.assert_close(images, reference, rtol=0, atol=1e-5)
+
+
+def test_workers_send_uint8_pixels_not_float_images():
+    """A batch crosses from a loader worker as uint8 pixels (a quarter of float32's bytes),
+    arrays through the pipe for a CPU run, tensors for a pinning loader."""
+    augment = AugmentSpec(random_resized_crop=False, hflip=False)
+    batcher = PixelBatcher(batch_size=4, size=16, channels=3, train=True, augment=augment)
+    picture = Image.fromarray(np.full((20, 30, 3), 200, np.uint8))
+    encoded = io.BytesIO()
+    picture.save(encoded, format="PNG")
+    for i in range(3):
+        batcher.add(RawSample(f"s{i}", i, encoded.getvalue(), "png", i), random.Random(0))
+    as_arrays = batcher.emit(tensors=False)
+    assert as_arrays["pixels"].dtype == np.uint8 and as_arrays["pixels"].shape == (3, 16, 16, 3)
+    assert as_arrays["labels"].tolist() == [0, 1, 2] and batcher.count == 0
+    assert (as_arrays["pixels"] == 200).all()
+    batcher.add(RawSample("s3", 3, encoded.getvalue(), "png", 3), random.Random(0))
+    as_tensors = batcher.emit(tensors=True)
+    assert as_tensors["pixels"].dtype == torch.uint8 and as_tensors["pixels"].shape[0] == 1
+    assert not np.shares_memory(as_arrays["pixels"], batcher._images)  # the buffer is reused
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_pinning_loader_places_the_batches_of_a_cpu_run_exactly(jpeg_dataset, channels):
+    """A GPU run's loader (pin_memory) yields PixelBatches; placed by the loop's prefetcher
+    they are the CPU run's normalised batches, value for value."""
+    spec = jpeg_spec(
+        jpeg_dataset,
+        channels=channels,
+        loader_workers=1,
+        augment={
+            "random_resized_crop": True,
+            "hflip": True,
+            "mean": MEAN[:channels],
+            "std": STD[:channels],
+        },
+        samples_per_epoch=48,
+    )
+    cpu_run = build_train_loader(spec, batch_size=16, rank=0, world_size=1, epoch=2, seed=4)
+    gpu_run = build_train_loader(
+        spec, batch_size=16, rank=0, world_size=1, epoch=2, seed=4, pin_memory=True
+    )
+    assert all(isinstance(images, PixelBatch) for images, _ in gpu_run)
+    expected, got = placed(cpu_run), placed(gpu_run)
+    assert len(expected) == len(got) == 3
+    for (want_images, want_labels), (images, labels) in zip(expected, got, strict=True):
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pixels_normalised_on_the_gpu_match_the_host_without_a_host_sync(jpeg_dataset):
+    """On a GPU: the pinned uint8 batches, copied and normalised on the device one batch
+    ahead, equal the host-normalised ones (within float32 rounding), and placing them makes no
+    torch-level host sync."""
+    spec = jpeg_spec(
+        jpeg_dataset,
+        augment={"random_resized_crop": True, "hflip": True, "mean": MEAN, "std": STD},
+        samples_per_epoch=48,
+    )
+    cpu_run = build_train_loader(spec, batch_size=16, rank=0, world_size=1, epoch=1, seed=5)
+    gpu_run = build_train_loader(
+        spec, batch_size=16, rank=0, world_size=1, epoch=1, seed=5, pin_memory=True
+    )
+    list(DevicePrefetcher(gpu_run, "cuda", channels_last=True))  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = list(DevicePrefetcher(gpu_run, "cuda", channels_last=True))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(on_gpu) == 3
+    for (want_images, want_labels), (images, labels) in zip(placed(cpu_run), on_gpu, strict=True):
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(images.cpu(), want_images, rtol=1e-6, atol=1e-6)
+        assert torch.equal(labels.cpu(), want_labels)

@@ -23,6 +23,7 @@ from jobs.contract.dataset_info import read_dataset_info
 from jobs.data.image_decode import decode_image
 from jobs.data.pipeline import DataPipelineError, build_eval_loader, build_train_loader
 from jobs.data.shards import plan_readers
+from jobs.training.loop import DevicePrefetcher
 
 IDENTITY = {"random_resized_crop": False, "hflip": False, "mean": [0.0], "std": [1.0]}
 
@@ -311,14 +312,15 @@ def test_one_loader_for_the_run_gives_each_epoch_what_a_fresh_loader_gives(id_da
     worker_pids = []
     for epoch in (1, 2, 3):
         kept.set_epoch(epoch)
-        got = [ids_from_batch(images) for images, _ in kept]
+        # pinned (a GPU run's loader): uint8 pixels that the loop normalises where it places them
+        got = [ids_from_batch(images) for images, _ in DevicePrefetcher(kept, "cpu")]
         worker_pids.append(sorted(w.pid for w in kept._data_loader()._iterator._workers))
         fresh = build_train_loader(spec, batch_size=5, rank=0, world_size=2, epoch=epoch, seed=3)
         assert got == [ids_from_batch(images) for images, _ in fresh], epoch
     assert worker_pids[0] == worker_pids[1] == worker_pids[2]
     assert len(worker_pids[0]) == 2
     kept.set_epoch(1)
-    again = [ids_from_batch(images) for images, _ in kept]
+    again = [ids_from_batch(images) for images, _ in DevicePrefetcher(kept, "cpu")]
     first = build_train_loader(spec, batch_size=5, rank=0, world_size=2, epoch=1, seed=3)
     assert again == [ids_from_batch(images) for images, _ in first]
 
