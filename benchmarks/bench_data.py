@@ -6,13 +6,21 @@ For Omniglot and Fashion-MNIST shards (written to a temporary folder), this meas
   `tarfile` (the plain loop: the decode limit) and with webdataset's `tar_file_iterator` (what
   the pipeline reads through, checked here to cost no more than the plain loop);
 - the pipeline: `build_train_loader` (tar streaming, shuffle buffer, decode, random resized crop,
-  flip, normalise, batch, DataLoader IPC) with 1 and 2 DataLoader workers, in steady state (the
-  clock starts at the first batch, so worker start-up is not counted).
+  flip, batch, DataLoader IPC of uint8 pixels, normalise) with 1 and 2 DataLoader workers, in
+  steady state (the clock starts at the first batch, so worker start-up is not counted); and,
+  with 1 worker, the loader as a GPU run builds it (pin_memory), whose uint8 batches the
+  training loop normalises on the GPU (so the host does not).
 Ratio per worker = pipeline / (limit x workers). In CPU time (immune to other processes'
 load), the in-process pipeline is also set against the tar reading alone and against read +
 decode + resize of the whole image to the training size (the least work that feeds a model).
-Then the same through s3://
-from a local moto server process. Run: .venv/bin/python benchmarks/bench_data.py [--quick]
+The datasets: Omniglot's 105 px PNGs (and as JPEG) and Fashion-MNIST's 28 px PNGs, trained at
+32 px greyscale, and Fashion-MNIST upscaled to 224 px RGB JPEG, trained at 224 px (the size of
+ImageNet-like training, where the decode dominates).
+
+The machine is shared and noisy: the limit and the pipeline are measured in alternation,
+`--rounds` times, and each ratio is printed as the median over rounds with its range. Then the
+same through s3:// from a local moto server process.
+Run: .venv/bin/python benchmarks/bench_data.py [--quick] [--rounds N]
 """
 
 from __future__ import annotations
@@ -21,13 +29,16 @@ import argparse
 import io
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from webdataset.tariterators import tar_file_iterator
 
@@ -35,6 +46,7 @@ from jobs.contract.data import DataSpec
 from jobs.contract.dataset_info import read_dataset_info
 from jobs.contract.urls import open_url
 from jobs.data.pipeline import build_train_loader
+from jobs.data.sources import ImageSource, open_source
 from jobs.data.writer import build_shards
 
 # The machine's shared data: $TOPK_SHARED_DIR, else ../shared next to the repository.
@@ -45,7 +57,6 @@ SHARED_DATA = (
 OMNIGLOT_ZIP = str(SHARED_DATA / "omniglot" / "images_background_small1.zip")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-IMAGE_SIZE = 32
 
 
 def tarfile_images(url: str):
@@ -77,18 +88,19 @@ def plain_decode_rate(shard_urls: list[str], read_images, min_seconds: float) ->
             return images / elapsed
 
 
-def plain_decode_cpu(shard_urls: list[str], read_images, resize_to: int | None = None) -> float:
+def plain_decode_cpu(shard_urls: list[str], read_images, resize: Shape | None = None) -> float:
     """CPU microseconds per image of read + PIL decode (immune to other processes' load); with
-    `resize_to`, also the greyscale conversion and the antialiased resize of the whole image to
-    the training size: the least work any pipeline that feeds a model must do."""
+    `resize`, also the conversion to the training channels and the antialiased resize of the
+    whole image to the training size: the least work any pipeline that feeds a model must do."""
     images, started = 0, time.process_time()
     for url in shard_urls:
         for data in read_images(url):
             image = Image.open(io.BytesIO(data))
-            if resize_to is None:
+            if resize is None:
                 image.load()
             else:
-                image.convert("L").resize((resize_to, resize_to), Image.Resampling.BILINEAR)
+                mode = "L" if resize.channels == 1 else "RGB"
+                image.convert(mode).resize((resize.size, resize.size), Image.Resampling.BILINEAR)
             images += 1
     return (time.process_time() - started) / images * 1e6
 
@@ -101,9 +113,28 @@ def read_only_cpu(shard_urls: list[str]) -> float:
     return (time.process_time() - started) / images * 1e6
 
 
-def pipeline_cpu(dataset: str, *, num_classes: int, samples: int) -> float:
+class Shape:
+    """What a dataset trains at: image size and channels."""
+
+    def __init__(self, size: int, channels: int) -> None:
+        self.size, self.channels = size, channels
+
+
+def _spec(dataset: str, shape: Shape, *, num_classes: int, workers: int, samples: int) -> DataSpec:
+    return DataSpec(
+        train=dataset,
+        num_classes=num_classes,
+        image_size=shape.size,
+        channels=shape.channels,
+        loader_workers=workers,
+        shuffle_buffer=1000,
+        samples_per_epoch=samples,
+    )
+
+
+def pipeline_cpu(dataset: str, shape: Shape, *, num_classes: int, samples: int) -> float:
     """CPU microseconds per image of the whole pipeline run in this process (0 workers)."""
-    spec = _spec(dataset, num_classes=num_classes, workers=0, samples=samples)
+    spec = _spec(dataset, shape, num_classes=num_classes, workers=0, samples=samples)
     loader = build_train_loader(spec, batch_size=128, rank=0, world_size=1, epoch=0, seed=0)
     images, started = 0, time.process_time()
     for batch_images, _ in loader:
@@ -111,62 +142,115 @@ def pipeline_cpu(dataset: str, *, num_classes: int, samples: int) -> float:
     return (time.process_time() - started) / images * 1e6
 
 
-def _spec(dataset: str, *, num_classes: int, workers: int, samples: int) -> DataSpec:
-    return DataSpec(
-        train=dataset,
-        num_classes=num_classes,
-        image_size=IMAGE_SIZE,
-        channels=1,
-        loader_workers=workers,
-        shuffle_buffer=1000,
-        samples_per_epoch=samples,
-    )
-
-
-def pipeline_rate(dataset: str, *, num_classes: int, workers: int, samples: int) -> float:
-    """Steady-state images/s of one rank's training loader (decode + augment + batch)."""
-    spec = _spec(dataset, num_classes=num_classes, workers=workers, samples=samples)
-    loader = build_train_loader(spec, batch_size=128, rank=0, world_size=1, epoch=0, seed=0)
-    batches = iter(loader)
-    first_images, _ = next(batches)
-    started, images = time.perf_counter(), 0
-    for batch_images, _ in batches:
-        images += batch_images.shape[0]
+def pipeline_rate(
+    dataset: str,
+    shape: Shape,
+    *,
+    num_classes: int,
+    workers: int,
+    samples: int,
+    gpu_run: bool = False,
+) -> float:
+    """Steady-state images/s of one rank's training loader (decode + augment + batch); with
+    `gpu_run`, the loader of a GPU run (pin_memory), which hands out uint8 pixels that the
+    training loop normalises on the GPU (not pinned here: this machine has no accelerator)."""
+    spec = _spec(dataset, shape, num_classes=num_classes, workers=workers, samples=samples)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pin_memory.*")
+        loader = build_train_loader(
+            spec, batch_size=128, rank=0, world_size=1, epoch=0, seed=0, pin_memory=gpu_run
+        )
+        batches = iter(loader)
+        first_images, _ = next(batches)
+        started, images = time.perf_counter(), 0
+        for _, labels in batches:
+            images += labels.shape[0]
     del first_images
     return images / (time.perf_counter() - started)
 
 
-def measure(name: str, dataset: str, num_classes: int, samples: int, min_seconds: float) -> None:
+def _median(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def measure(
+    name: str,
+    dataset: str,
+    shape: Shape,
+    num_classes: int,
+    samples: int,
+    min_seconds: float,
+    rounds: int,
+) -> None:
+    """Each round measures the limits and the pipeline one after the other; ratios are taken
+    within a round, then summarised over rounds."""
     urls = read_dataset_info(dataset).shard_urls("train")
-    limit = plain_decode_rate(urls, tarfile_images, min_seconds)
-    wds_limit = plain_decode_rate(urls, webdataset_images, min_seconds)
-    print(f"{name:<28} plain tarfile + PIL decode        {limit:>7.0f} img/s", flush=True)
-    print(f"{name:<28} plain webdataset + PIL decode     {wds_limit:>7.0f} img/s", flush=True)
-    if not dataset.startswith("s3://"):
-        plain_cpu = plain_decode_cpu(urls, tarfile_images)
-        wds_cpu = plain_decode_cpu(urls, webdataset_images)
-        resized_cpu = plain_decode_cpu(urls, tarfile_images, resize_to=IMAGE_SIZE)
-        read_cpu = read_only_cpu(urls)
-        ours_cpu = pipeline_cpu(dataset, num_classes=num_classes, samples=samples)
-        print(
-            f"{name:<28} CPU us/image: tarfile+PIL {plain_cpu:.0f}, webdataset+PIL "
-            f"{wds_cpu:.0f}, pipeline in-process {ours_cpu:.0f} -> ratios "
-            f"{plain_cpu / ours_cpu:.2f} and {wds_cpu / ours_cpu:.2f}",
-            flush=True,
+    local = not dataset.startswith("s3://")
+    ratios: dict[str, list[float]] = {}
+    last: dict[str, float] = {}
+
+    def keep(label: str, value: float) -> None:
+        ratios.setdefault(label, []).append(value)
+
+    for _ in range(rounds):
+        last["limit"] = limit = plain_decode_rate(urls, tarfile_images, min_seconds)
+        last["wds_limit"] = wds_limit = plain_decode_rate(urls, webdataset_images, min_seconds)
+        keep("webdataset+PIL / tarfile+PIL (wall clock)", wds_limit / limit)
+        if local:
+            plain_cpu = plain_decode_cpu(urls, tarfile_images)
+            ours_cpu = pipeline_cpu(dataset, shape, num_classes=num_classes, samples=samples)
+            resized_cpu = plain_decode_cpu(urls, tarfile_images, resize=shape)
+            read_cpu = read_only_cpu(urls)
+            last.update(plain_cpu=plain_cpu, ours_cpu=ours_cpu, resized=resized_cpu, read=read_cpu)
+            keep("in-process pipeline, CPU time: of tarfile+PIL", plain_cpu / ours_cpu)
+            keep(
+                f"  of tarfile+PIL+resize to {shape.size} px (the least work)",
+                resized_cpu / ours_cpu,
+            )
+        for workers in (1, 2):
+            rate = pipeline_rate(
+                dataset, shape, num_classes=num_classes, workers=workers, samples=samples
+            )
+            last[f"rate{workers}"] = rate
+            per = f"pipeline, {workers} worker{'s' if workers > 1 else ''}, per worker: of"
+            keep(f"{per} tarfile+PIL", rate / limit / workers)
+            keep(f"{per} webdataset+PIL", rate / wds_limit / workers)
+        gpu_rate = pipeline_rate(
+            dataset, shape, num_classes=num_classes, workers=1, samples=samples, gpu_run=True
         )
+        last["gpu_rate"] = gpu_rate
+        keep("a GPU run's loader (uint8 out), 1 worker: of tarfile+PIL", gpu_rate / limit)
+    print(f"{name}  ({rounds} round(s); the last round's rates for orientation)", flush=True)
+    print(
+        f"    tarfile+PIL {last['limit']:.0f} img/s, webdataset+PIL {last['wds_limit']:.0f} img/s, "
+        f"pipeline 1 worker {last['rate1']:.0f} img/s, 2 workers {last['rate2']:.0f} img/s, "
+        f"a GPU run's 1 worker {last['gpu_rate']:.0f} img/s"
+    )
+    if local:
         print(
-            f"{name:<28} of which: tar reading alone {read_cpu:.0f}; tarfile+PIL+resize to "
-            f"{IMAGE_SIZE} px {resized_cpu:.0f} -> ratio {resized_cpu / ours_cpu:.2f}",
-            flush=True,
+            f"    CPU us/image: tarfile+PIL {last['plain_cpu']:.0f} (tar reading alone "
+            f"{last['read']:.0f}), tarfile+PIL+resize {last['resized']:.0f}, pipeline in-process "
+            f"{last['ours_cpu']:.0f}"
         )
-    for workers in (1, 2):
-        rate = pipeline_rate(dataset, num_classes=num_classes, workers=workers, samples=samples)
-        print(
-            f"{name:<28} pipeline, {workers} worker{'s' if workers > 1 else ' '}"
-            f"{rate:>22.0f} img/s  per worker: {rate / limit / workers:.2f} of tarfile+PIL, "
-            f"{rate / wds_limit / workers:.2f} of webdataset+PIL",
-            flush=True,
+    for label, values in ratios.items():
+        print(f"    {label:<58} {_median(values)}", flush=True)
+
+
+def fashion_upscaled_rgb(count: int, size: int) -> ImageSource:
+    """The first `count` Fashion-MNIST training images upscaled to `size` px and made RGB."""
+    source = open_source(FASHION_MNIST_DIR)
+    keep = list(range(min(count, len(source.labels))))
+
+    def load(i: int):
+        image = Image.fromarray(source.load(keep[i])).resize(
+            (size, size), Image.Resampling.BILINEAR
         )
+        return np.asarray(image.convert("RGB"))
+
+    names = [source.names[i] for i in keep]
+    return ImageSource(f"fashion-{size}", source.class_names, source.labels[keep], names, load)
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -190,44 +274,58 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller data, shorter runs")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="alternations of limit and pipeline (3, or 2 with --quick)",
+    )
     args = parser.parse_args()
     fashion_per_class = 1000 if args.quick else 3000
     samples = 8000 if args.quick else 30000
     min_seconds = 2.0 if args.quick else 5.0
+    rounds = args.rounds or (2 if args.quick else 3)
+    large_count, large_samples = (512, 768) if args.quick else (2048, 3072)
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
-        datasets = {}
+        small, large = Shape(32, 1), Shape(224, 3)
+        datasets: dict[str, tuple[str, int, Shape, int]] = {}
         if os.path.exists(OMNIGLOT_ZIP):
-            datasets["omniglot (105px png)"] = (os.path.join(folder, "omniglot"), 136)
-            build_shards(
-                OMNIGLOT_ZIP,
-                datasets["omniglot (105px png)"][0],
-                progress=None,
-                shard_max_samples=500,
-            )
-            # JPEG: the pipeline decodes at a reduced DCT scale (PIL draft) when it may
-            datasets["omniglot (105px jpeg)"] = (os.path.join(folder, "omniglot-jpeg"), 136)
-            build_shards(
-                OMNIGLOT_ZIP,
-                datasets["omniglot (105px jpeg)"][0],
-                progress=None,
-                shard_max_samples=500,
-                image_format="jpeg",
-            )
+            for image_format in ("png", "jpeg"):
+                # JPEG: the pipeline decodes at a reduced DCT scale (PIL draft) when it may
+                path = os.path.join(folder, f"omniglot-{image_format}")
+                build_shards(
+                    OMNIGLOT_ZIP,
+                    path,
+                    progress=None,
+                    shard_max_samples=500,
+                    image_format=image_format,
+                )
+                datasets[f"omniglot (105px {image_format})"] = (path, 136, small, samples)
         if os.path.exists(FASHION_MNIST_DIR):
-            datasets["fashion-mnist (28px png)"] = (os.path.join(folder, "fashion"), 10)
+            path = os.path.join(folder, "fashion")
             build_shards(
                 FASHION_MNIST_DIR,
-                datasets["fashion-mnist (28px png)"][0],
+                path,
                 max_per_class=fashion_per_class,
                 progress=None,
                 shard_max_samples=2000,
             )
-        print(
-            f"CPUs: {os.cpu_count()}, image_size {IMAGE_SIZE}, batch 128, steady state", flush=True
-        )
-        for name, (path, classes) in datasets.items():
-            measure(name, path, classes, samples, min_seconds)
+            datasets["fashion-mnist (28px png)"] = (path, 10, small, samples)
+            path = os.path.join(folder, "fashion-224")
+            build_shards(
+                fashion_upscaled_rgb(large_count, large.size),
+                path,
+                val_fraction=0.0,
+                image_format="jpeg",
+                progress=None,
+                shard_max_samples=256,
+            )
+            datasets["fashion-mnist (224px rgb jpeg)"] = (path, 10, large, large_samples)
+        print(f"CPUs: {os.cpu_count()}, batch 128, steady state", flush=True)
+        for name, (path, classes, shape, count) in datasets.items():
+            print(f"-- trained at {shape.size} px, {shape.channels} channel(s)", flush=True)
+            measure(name, path, shape, classes, count, min_seconds, rounds)
 
         server, endpoint = start_moto()
         os.environ.update(
@@ -241,10 +339,10 @@ def main() -> int:
 
             s3 = s3fs.S3FileSystem()
             s3.mkdir("bench")
-            for name, (path, classes) in datasets.items():
+            for name, (path, classes, shape, count) in datasets.items():
                 remote = f"s3://bench/{os.path.basename(path)}"
                 s3.put(path + "/", remote[len("s3://") :] + "/", recursive=True)
-                measure(f"s3: {name}", remote, classes, samples, min_seconds)
+                measure(f"s3: {name}", remote, shape, classes, count, min_seconds, 1)
         finally:
             server.terminate()
             server.wait(timeout=10)

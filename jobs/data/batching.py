@@ -47,13 +47,20 @@ def normalise_pixels(pixels: np.ndarray, scale: np.ndarray, shift: np.ndarray) -
     """uint8 pixels [n, S, S] or [n, S, S, 3] -> float32 images [n, C, S, S], x * scale - shift
     per channel (`normalisation`), on the host. RGB images keep the pixels' channel-last
     memory order (a NCHW view with channels_last strides), as `PixelBatch.decode` does."""
-    channels = 1 if pixels.ndim == 3 else pixels.shape[3]
-    pixels = pixels[:, None] if pixels.ndim == 3 else pixels.transpose(0, 3, 1, 2)
     # One pass with NumPy, no intra-op thread pool (torch's spins for milliseconds per op on a
     # busy machine).
-    images = np.multiply(pixels, scale.reshape(1, channels, 1, 1), dtype=np.float32)
-    images -= shift.reshape(1, channels, 1, 1)
-    return images
+    if pixels.ndim == 3:
+        images = np.multiply(pixels, scale[0], dtype=np.float32)
+        images -= shift[0]
+        return images.reshape(pixels.shape[0], 1, *pixels.shape[1:])
+    n, height, width, channels = pixels.shape
+    # Rows of width x channels values, against the per-channel factors tiled along a row:
+    # NumPy's inner loop then runs a whole row (2.6x faster at 224 px than broadcasting over
+    # a last axis of 3).
+    rows = pixels.reshape(n * height, width * channels)
+    images = np.multiply(rows, np.tile(scale, width), dtype=np.float32)
+    images -= np.tile(shift, width)
+    return images.reshape(n, height, width, channels).transpose(0, 3, 1, 2)
 
 
 @dataclass
