@@ -21,7 +21,9 @@ The input of a training rank (pipeline.py puts it together):
 - shard_stream.py   `ShardStream`: what each DataLoader worker runs (read, count, shuffle, batch)
 - image_decode.py   the crop and flip of a sample (`choose_view`), PIL decoding (data.decode
                     cpu), the JPEG header check (data.decode device)
-- batching.py       batch assembly per data.decode: decoded pixels, or JPEG bytes and views
+- batching.py       batch assembly per data.decode: decoded uint8 pixels (normalised by the
+                    rank: `normalise_pixels` on the host, `PixelBatch` on a GPU), or JPEG bytes
+                    and views
 - device_decode.py  `JpegBatch.decode`: a batch of JPEGs decoded on the training device
 - pipeline.py       `build_train_loader` / `build_eval_loader` -> ShardLoader: the DDP-safe input
                     of each rank (equal steps per rank, exact evaluation)

@@ -47,8 +47,8 @@ def normalise_pixels(pixels: np.ndarray, scale: np.ndarray, shift: np.ndarray) -
     """uint8 pixels [n, S, S] or [n, S, S, 3] -> float32 images [n, C, S, S], x * scale - shift
     per channel (`normalisation`), on the host. RGB images keep the pixels' channel-last
     memory order (a NCHW view with channels_last strides), as `PixelBatch.decode` does."""
-    # One pass with NumPy, no intra-op thread pool (torch's spins for milliseconds per op on a
-    # busy machine).
+    # NumPy, in place after the product: no intra-op thread pool (torch's spins for
+    # milliseconds per op on a busy machine).
     if pixels.ndim == 3:
         images = np.multiply(pixels, scale[0], dtype=np.float32)
         images -= shift[0]
