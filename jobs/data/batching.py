@@ -85,12 +85,21 @@ class PixelBatch:
         pixels = self.pixels.to(device, non_blocking=True)
         pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
         images = pixels.float()  # keeps the channel-last strides of RGB pixels
-        if len(set(self.scale)) == 1 and len(set(self.shift)) == 1:
-            images.mul_(self.scale[0]).sub_(self.shift[0])
-        else:
-            for channel, (scale, shift) in enumerate(zip(self.scale, self.shift, strict=True)):
-                images[:, channel].mul_(scale).sub_(shift)
+        normalise_in_place(images, self.scale, self.shift)
         return images, labels.to(device, non_blocking=True)
+
+
+def normalise_in_place(
+    images: torch.Tensor, scale: Sequence[float], shift: Sequence[float]
+) -> torch.Tensor:
+    """float32 images [n, C, S, S] in 0..255 -> x * scale - shift per channel, in place, on
+    whatever device they are. The factors are Python numbers: no host-to-device copy, no
+    sync."""
+    if len(set(scale)) == 1 and len(set(shift)) == 1:
+        return images.mul_(scale[0]).sub_(shift[0])
+    for channel, (factor, offset) in enumerate(zip(scale, shift, strict=True)):
+        images[:, channel].mul_(factor).sub_(offset)
+    return images
 
 
 class PixelBatcher:

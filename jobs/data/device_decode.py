@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from jobs.data.batching import normalise_in_place
 from jobs.data.shards import DataPipelineError
 
 
@@ -92,7 +93,8 @@ class JpegBatch:
             images = images.index_select(0, inverse.to(device, non_blocking=True))
         if len(kept) < len(self):
             labels = labels[kept]
-        return self._normalised(images), labels.to(device, non_blocking=True)
+        normalise_in_place(images, self.scale, self.shift)
+        return images, labels.to(device, non_blocking=True)
 
     def _decode_each(
         self, chunks: list[torch.Tensor], device: torch.device
@@ -134,10 +136,3 @@ class JpegBatch:
             mask = torch.tensor(flips).to(device, non_blocking=True).view(-1, 1, 1, 1)
             views = torch.where(mask, views.flip(-1), views)
         return views
-
-    def _normalised(self, images: torch.Tensor) -> torch.Tensor:
-        if len(set(self.scale)) == 1 and len(set(self.shift)) == 1:
-            return images.mul_(self.scale[0]).sub_(self.shift[0])
-        for channel in range(self.channels):
-            images[:, channel].mul_(self.scale[channel]).sub_(self.shift[channel])
-        return images

@@ -113,14 +113,10 @@ class ShardLoader:
         self.stats = LoaderStats()
         self._loader: DataLoader | None = None
         data = stream.data
-        scale, shift = normalisation(data.augment, data.channels)
-        self._scale, self._shift = scale, shift
-        self._jpeg_options = {
-            "size": data.image_size,
-            "channels": data.channels,
-            "scale": scale.tolist(),
-            "shift": shift.tolist(),
-        }
+        self._scale, self._shift = normalisation(data.augment, data.channels)
+        # As Python numbers for the batches normalised on the device (no host-to-device copy)
+        self._factors = {"scale": self._scale.tolist(), "shift": self._shift.tolist()}
+        self._jpeg_options = {"size": data.image_size, "channels": data.channels, **self._factors}
 
     def _data_loader(self) -> DataLoader:
         """One DataLoader for the loader's life: its workers persist across passes (epochs),
@@ -143,7 +139,7 @@ class ShardLoader:
             pixels = batch["pixels"]
             if isinstance(pixels, np.ndarray):  # a CPU run: normalised here, on the host
                 return torch.from_numpy(normalise_pixels(pixels, self._scale, self._shift))
-            return PixelBatch(pixels, self._jpeg_options["scale"], self._jpeg_options["shift"])
+            return PixelBatch(pixels, **self._factors)
         return JpegBatch(
             data=torch.from_numpy(batch["jpeg"]),
             lengths=batch["lengths"].tolist(),
