@@ -37,8 +37,10 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
+# The same upscaled Fashion-MNIST as the GPU loop benchmark's (b) (this folder is on sys.path)
+from bench_gpu_loop import fashion_source
 from PIL import Image
 from webdataset.tariterators import tar_file_iterator
 
@@ -46,7 +48,6 @@ from jobs.contract.data import DataSpec
 from jobs.contract.dataset_info import read_dataset_info
 from jobs.contract.urls import open_url
 from jobs.data.pipeline import build_train_loader
-from jobs.data.sources import ImageSource, open_source
 from jobs.data.writer import build_shards
 
 # The machine's shared data: $TOPK_SHARED_DIR, else ../shared next to the repository.
@@ -113,11 +114,11 @@ def read_only_cpu(shard_urls: list[str]) -> float:
     return (time.process_time() - started) / images * 1e6
 
 
-class Shape:
+class Shape(NamedTuple):
     """What a dataset trains at: image size and channels."""
 
-    def __init__(self, size: int, channels: int) -> None:
-        self.size, self.channels = size, channels
+    size: int
+    channels: int
 
 
 def _spec(dataset: str, shape: Shape, *, num_classes: int, workers: int, samples: int) -> DataSpec:
@@ -238,21 +239,6 @@ def measure(
         print(f"    {label:<58} {_median(values)}", flush=True)
 
 
-def fashion_upscaled_rgb(count: int, size: int) -> ImageSource:
-    """The first `count` Fashion-MNIST training images upscaled to `size` px and made RGB."""
-    source = open_source(FASHION_MNIST_DIR)
-    keep = list(range(min(count, len(source.labels))))
-
-    def load(i: int):
-        image = Image.fromarray(source.load(keep[i])).resize(
-            (size, size), Image.Resampling.BILINEAR
-        )
-        return np.asarray(image.convert("RGB"))
-
-    names = [source.names[i] for i in keep]
-    return ImageSource(f"fashion-{size}", source.class_names, source.labels[keep], names, load)
-
-
 def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -314,7 +300,7 @@ def main() -> int:
             datasets["fashion-mnist (28px png)"] = (path, 10, small, samples)
             path = os.path.join(folder, "fashion-224")
             build_shards(
-                fashion_upscaled_rgb(large_count, large.size),
+                fashion_source(large_count, large.size),
                 path,
                 val_fraction=0.0,
                 image_format="jpeg",
