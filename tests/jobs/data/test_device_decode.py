@@ -315,7 +315,7 @@ def test_pixels_normalised_on_the_device_equal_those_normalised_on_the_host(chan
     """PixelBatch.decode (the GPU run's path, here on the CPU) gives exactly the host's
     normalisation: the same float32 values and the same memory order."""
     rng = np.random.default_rng(channels)
-    shape = (5, 7, 7) if channels == 1 else (5, 7, 7, 3)
+    shape = (5, 7, 7) if channels == 1 else (5, 3, 7, 7)
     pixels = rng.integers(0, 256, shape, dtype=np.uint8)
     augment = AugmentSpec(mean=MEAN[:channels], std=STD[:channels])
     scale, shift = normalisation(augment, channels)
@@ -329,8 +329,7 @@ def test_pixels_normalised_on_the_device_equal_those_normalised_on_the_host(chan
     assert torch.equal(got_labels, labels)
     mean = torch.tensor(MEAN[:channels]).view(1, -1, 1, 1)
     std = torch.tensor(STD[:channels]).view(1, -1, 1, 1)
-    reference = (torch.from_numpy(pixels).float().view(5, 7, 7, channels).permute(0, 3, 1, 2)
-                 / 255 - mean) / std  # fmt: skip
+    reference = (torch.from_numpy(pixels).float().view(5, channels, 7, 7) / 255 - mean) / std
     torch.testing.assert_close(images, reference, rtol=0, atol=1e-5)
 
 
@@ -345,13 +344,15 @@ def test_workers_send_uint8_pixels_not_float_images():
     for i in range(3):
         batcher.add(RawSample(f"s{i}", i, encoded.getvalue(), "png", i), random.Random(0))
     as_arrays = batcher.emit(tensors=False)
-    assert as_arrays["pixels"].dtype == np.uint8 and as_arrays["pixels"].shape == (3, 16, 16, 3)
+    assert as_arrays["pixels"].dtype == np.uint8 and as_arrays["pixels"].shape == (3, 3, 16, 16)
     assert as_arrays["labels"].tolist() == [0, 1, 2] and batcher.count == 0
     assert (as_arrays["pixels"] == 200).all()
     batcher.add(RawSample("s3", 3, encoded.getvalue(), "png", 3), random.Random(0))
     as_tensors = batcher.emit(tensors=True)
     assert as_tensors["pixels"].dtype == torch.uint8 and as_tensors["pixels"].shape[0] == 1
-    assert not np.shares_memory(as_arrays["pixels"], batcher._images)  # the buffer is reused
+    # handed over, not copied: the batcher fills new arrays for the next batch
+    assert not np.shares_memory(as_arrays["pixels"], as_tensors["pixels"].numpy())
+    assert (as_arrays["pixels"] == 200).all()
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -248,8 +248,8 @@ def test_decode_formats_channels_and_eval_center_crop(fmt):
     rgb = decode_image(
         encoded(image, fmt), size=20, channels=3, train=False, augment=augment, rng=rng
     )
-    assert rgb.shape == (20, 20, 3) and rgb.dtype == np.uint8
-    assert rgb[:, :8, 0].mean() > 200 and rgb[:, -8:, 2].mean() > 200
+    assert rgb.shape == (3, 20, 20) and rgb.dtype == np.uint8  # planar
+    assert rgb[0, :, :8].mean() > 200 and rgb[2, :, -8:].mean() > 200
     grey = decode_image(
         encoded(image, fmt), size=16, channels=1, train=True, augment=augment, rng=rng
     )
