@@ -19,8 +19,9 @@ The input of a training rank (pipeline.py puts it together):
 - shards.py         `resolve_shards` (once per run), `plan_readers` (rank x worker slots),
                     `steps_per_epoch`, DataPipelineError
 - shard_stream.py   `ShardStream`: what each DataLoader worker runs (read, count, shuffle, batch)
-- image_decode.py   the crop and flip of a sample (`choose_view`), PIL decoding (data.decode
-                    cpu), the JPEG header check (data.decode device)
+- image_decode.py   the crop and flip of a sample (`choose_view`), decoding in a worker
+                    (data.decode cpu: PIL; torchvision and torch's resize for RGB JPEG and
+                    PNG), the JPEG header check (data.decode device)
 - batching.py       batch assembly per data.decode: decoded uint8 pixels (normalised by the
                     rank: `normalise_pixels` on the host, `PixelBatch` on a GPU), or JPEG bytes
                     and views

@@ -94,8 +94,9 @@ def pixel_units(images: torch.Tensor, spec: DataSpec) -> torch.Tensor:
 
 
 def assert_batches_match(cpu_batches, device_batches, spec: DataSpec) -> None:
-    """Same samples in the same order; pixels within the resampling's rounding, except on the
-    crop's edges, where PIL's filter also reads the pixels just outside the crop."""
+    """Same samples in the same order; pixels within the resampling's rounding. RGB is resized
+    by the same filter on both paths (torch's, on the crop); greyscale by PIL on the CPU path,
+    whose filter also reads the pixels just outside the crop: its edges differ more."""
     assert len(cpu_batches) == len(device_batches) > 0
     for (cpu_images, cpu_labels), (device_images, device_labels) in zip(
         cpu_batches, device_batches, strict=True
@@ -104,7 +105,8 @@ def assert_batches_match(cpu_batches, device_batches, spec: DataSpec) -> None:
         assert device_images.shape == cpu_images.shape and device_images.dtype == torch.float32
         difference = (pixel_units(device_images, spec) - pixel_units(cpu_images, spec)).abs()
         assert difference[..., 2:-2, 2:-2].max() <= 2.0, difference[..., 2:-2, 2:-2].max()
-        assert difference.max() <= 16.0, difference.max()
+        edges = 2.0 if spec.channels == 3 else 16.0
+        assert difference.max() <= edges, difference.max()
         assert difference.mean() <= 0.25, difference.mean()
 
 
