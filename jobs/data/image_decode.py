@@ -10,21 +10,41 @@ from __future__ import annotations
 import io
 import math
 import random
-import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
 from jobs.contract.data import AugmentSpec
 
 # Telling PIL the format skips probing every plugin; a wrong extension still fails cleanly.
 _PIL_FORMATS = {"jpg": ("JPEG",), "jpeg": ("JPEG",), "png": ("PNG",), "webp": ("WEBP",)}
 JPEG_EXTENSIONS = ("jpg", "jpeg")
+
+
+def _torchvision_rgb_decoders() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """{PIL format: encoded bytes (uint8 tensor) -> uint8 [3, H, W]}: torchvision's JPEG and
+    PNG decoders, called as the ops of its image library. Its Python wrappers (deprecated
+    since torchvision 0.29 in favour of TorchCodec) cost ~50 us a call in a deprecation
+    warning and usage logging, as much as decoding a small image. {} without the library:
+    PIL decodes everything then (tests/jobs/data/test_rgb_decode.py checks they are in use)."""
+    try:
+        from torchvision.io import ImageReadMode  # loads the image library
+
+        rgb = ImageReadMode.RGB.value
+        jpeg, png = torch.ops.image.decode_jpeg, torch.ops.image.decode_png
+    except (ImportError, AttributeError, RuntimeError):
+        return {}
+    return {
+        "JPEG": lambda data: jpeg(data, rgb, False),
+        "PNG": lambda data: png(data, rgb, False),
+    }
+
+
 # RGB images in these formats are decoded by torchvision and resized by torch (`_torch_view`)
-_TORCH_DECODERS = {"JPEG": decode_jpeg, "PNG": decode_png}
+_TORCH_DECODERS = _torchvision_rgb_decoders()
 Box = tuple[int, int, int, int]
 """(left, top, right, bottom) in pixels, right and bottom exclusive."""
 
@@ -135,10 +155,7 @@ def _torch_view(
     decodes them, or raises the error that counts the sample as bad."""
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its decoders in favour of TorchCodec, on every call
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pixels = _TORCH_DECODERS[image_format](encoded, mode=ImageReadMode.RGB)
+        pixels = _TORCH_DECODERS[image_format](encoded)
     except RuntimeError:
         return None
     if pixels.dtype != torch.uint8:

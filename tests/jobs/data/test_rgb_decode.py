@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from jobs.contract.data import AugmentSpec
-from jobs.data.image_decode import choose_view, decode_image
+from jobs.data.image_decode import _torch_view, choose_view, decode_image
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:
@@ -135,3 +135,15 @@ def test_decoding_leaves_torch_threads_as_they_were():
         assert out.shape == (3, 64, 64) and abs(int(out.mean()) - 90) <= 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_torchvision_decodes_rgb_jpegs_and_pngs(fmt):
+    """The fast path is in use: torchvision's image library and its ops are there (a
+    torchvision that moved them would fall back to PIL at half the speed, silently)."""
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 32, 3), np.uint8))
+    data = encoded(image, fmt)
+    view = _torch_view(data, fmt, (4, 0, 28, 24), False, 24)
+    assert view is not None and view.shape == (3, 24, 24)
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").crop((4, 0, 28, 24)))
+    assert np.array_equal(view, expected.transpose(2, 0, 1))
