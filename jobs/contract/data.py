@@ -66,8 +66,8 @@ class DataSpec(BaseModel):
     # other tools; a `.cls` member, when there is one, is the label.
     label_key: str = Field("label", min_length=1, max_length=200)
     # Where images are decoded. "cpu": in the loader workers (any image format; PIL, and for
-    # RGB JPEGs and PNGs torchvision's decoders and torch's antialiased resize, the filter of
-    # "device").
+    # RGB torch's antialiased resize, the filter of "device", after torchvision's decoders for
+    # JPEG and PNG).
     # "device": on the training device, a batch per call of torchvision.io.decode_jpeg (nvJPEG
     # on a GPU; the CPU runs the same code), the workers only reading the shards and the JPEG
     # headers; same crops, flips and normalisation. JPEG shards only; for large JPEGs (224 px

@@ -20,8 +20,8 @@ The input of a training rank (pipeline.py puts it together):
                     `steps_per_epoch`, DataPipelineError
 - shard_stream.py   `ShardStream`: what each DataLoader worker runs (read, count, shuffle, batch)
 - image_decode.py   the crop and flip of a sample (`choose_view`), decoding in a worker
-                    (data.decode cpu: PIL; torchvision and torch's resize for RGB JPEG and
-                    PNG), the JPEG header check (data.decode device)
+                    (data.decode cpu: PIL, or torchvision for RGB JPEG and PNG; RGB resized
+                    by torch), the JPEG header check (data.decode device)
 - batching.py       batch assembly per data.decode: decoded uint8 pixels (normalised by the
                     rank: `normalise_pixels` on the host, `PixelBatch` on a GPU), or JPEG bytes
                     and views

@@ -1,7 +1,7 @@
 """Turning one image's bytes into what a batch holds: the crop and flip of a sample
 (`choose_view`, shared by both decode paths so they pick the same view), the CPU decode of
-data.decode "cpu" (`decode_image`, in a loader worker: PIL, and torchvision for RGB JPEGs and
-PNGs), and the header check of data.decode
+data.decode "cpu" (`decode_image`, in a loader worker: PIL, or torchvision for RGB JPEGs and
+PNGs; RGB resized by torch), and the header check of data.decode
 "device" (`jpeg_geometry`: the worker reads only a JPEG's header; jobs/data/device_decode.py
 decodes the batch on the training device)."""
 
@@ -43,7 +43,7 @@ def _torchvision_rgb_decoders() -> dict[str, Callable[[torch.Tensor], torch.Tens
     }
 
 
-# RGB images in these formats are decoded by torchvision and resized by torch (`_torch_view`)
+# RGB images in these formats are decoded by torchvision (`_torchvision_rgb`)
 _TORCH_DECODERS = _torchvision_rgb_decoders()
 Box = tuple[int, int, int, int]
 """(left, top, right, bottom) in pixels, right and bottom exclusive."""
@@ -111,10 +111,11 @@ def decode_image(
     The view of `choose_view` (picked on the stored image's size), cropped and resized to
     `size` by antialiased bilinear interpolation, then flipped. A JPEG whose crop is at least
     twice `size` is decoded at a reduced DCT scale (1/2, 1/4 or 1/8) that keeps the crop at
-    least `size` pixels wide. Greyscale, and RGB at a reduced scale or in WebP, go through PIL
-    (crop and resize in one call); other RGB JPEGs and PNGs are decoded by torchvision and
-    resized by torch (`_torch_view`), as the device decoder does, at half the CPU time of PIL
-    at 224 px. Raises whatever the decoders raise for undecodable bytes.
+    least `size` pixels wide. Greyscale goes through PIL (crop and resize in one call). RGB is
+    resized by torch (`_resized_view`), the device decoder's filter, at half PIL's CPU time at
+    224 px: decoded by torchvision (JPEG, PNG) or, at a reduced scale or in WebP, by PIL (the
+    box then rounded to whole pixels of the reduced image). Raises whatever the decoders raise
+    for undecodable bytes.
     """
     image = Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(image_ext))
     mode = "L" if channels == 1 else "RGB"
@@ -128,10 +129,14 @@ def decode_image(
             scale = width / drafted[1][2]  # the DCT scale: 2, 4 or 8
             box = tuple(edge / scale for edge in box)  # type: ignore[assignment]
             reduced = True
-    if channels == 3 and not reduced and image.format in _TORCH_DECODERS:
-        pixels = _torch_view(data, image.format, box, flip, size)
-        if pixels is not None:
-            return pixels
+    if channels == 3:
+        pixels = None if reduced else _torchvision_rgb(data, image.format)
+        if pixels is None:  # PIL decodes
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+            pixels = pixels.view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+            box = tuple(round(edge) for edge in box)  # type: ignore[assignment]
+        return _resized_view(pixels, box, flip, size)
     if image.mode != mode:
         image = image.convert(mode)
     if box != (0, 0, size, size) or image.size != (size, size):
@@ -139,27 +144,27 @@ def decode_image(
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     # tobytes + frombuffer: a third of the cost of np.asarray(image) for small images
-    pixels = np.frombuffer(image.tobytes(), dtype=np.uint8)
-    if channels == 1:
-        return pixels.reshape(size, size)
-    return pixels.reshape(size, size, 3).transpose(2, 0, 1)
+    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(size, size)
 
 
-def _torch_view(
-    data: bytes, image_format: str, box: Box, flip: bool, size: int
-) -> np.ndarray | None:
-    """The view of an RGB JPEG or PNG as uint8 [3, size, size]: decoded by torchvision,
-    cropped, resized by torch's antialiased bilinear interpolation (crop first, so unlike PIL
-    no pixel outside the box weighs in: the device decoder's filter) and flipped. None when
-    torchvision cannot decode the bytes to 8-bit RGB (16-bit PNG, a JPEG it refuses): PIL then
-    decodes them, or raises the error that counts the sample as bad."""
-    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+def _torchvision_rgb(data: bytes, image_format: str | None) -> torch.Tensor | None:
+    """uint8 [3, H, W] decoded by torchvision, or None for a format it is not used for and
+    for bytes it cannot decode to 8-bit RGB (16-bit PNG, a JPEG it refuses): PIL then decodes
+    them, or raises the error that counts the sample as bad."""
+    decoder = _TORCH_DECODERS.get(image_format or "")
+    if decoder is None:
+        return None
     try:
-        pixels = _TORCH_DECODERS[image_format](encoded)
+        pixels = decoder(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     except RuntimeError:
         return None
-    if pixels.dtype != torch.uint8:
-        return None
+    return pixels if pixels.dtype == torch.uint8 else None
+
+
+def _resized_view(pixels: torch.Tensor, box: Box, flip: bool, size: int) -> np.ndarray:
+    """uint8 [3, size, size]: the box of RGB pixels [3, H, W], resized by torch's antialiased
+    bilinear interpolation (crop first, so unlike PIL's no pixel outside the box weighs in:
+    the device decoder's filter), then flipped."""
     left, top, right, bottom = box
     view = pixels[:, top:bottom, left:right]
     # One image is too little work for torch's thread pool: in a loader worker torch runs one

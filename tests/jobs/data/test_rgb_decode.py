@@ -1,6 +1,7 @@
-"""data.decode "cpu" for RGB: JPEGs and PNGs are decoded by torchvision and resized by torch
-(`jobs.data.image_decode._torch_view`); these tests hold that path to the formula of an
-antialiased bilinear resize and to PIL's decoding, mode by mode."""
+"""data.decode "cpu" for RGB: images are resized by torch (`jobs.data.image_decode.
+_resized_view`), JPEGs and PNGs decoded by torchvision (`_torchvision_rgb`), the rest and
+reduced-scale JPEGs by PIL; these tests hold that path to the formula of an antialiased
+bilinear resize and to PIL's decoding, mode by mode."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from jobs.contract.data import AugmentSpec
-from jobs.data.image_decode import _torch_view, choose_view, decode_image
+from jobs.data.image_decode import _torchvision_rgb, choose_view, decode_image
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:
@@ -139,11 +140,33 @@ def test_decoding_leaves_torch_threads_as_they_were():
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_torchvision_decodes_rgb_jpegs_and_pngs(fmt):
-    """The fast path is in use: torchvision's image library and its ops are there (a
-    torchvision that moved them would fall back to PIL at half the speed, silently)."""
+    """The fast decoders are in use: torchvision's image library and its ops are there (a
+    torchvision that moved them would fall back to PIL, silently slower)."""
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 32, 3), np.uint8))
     data = encoded(image, fmt)
-    view = _torch_view(data, fmt, (4, 0, 28, 24), False, 24)
-    assert view is not None and view.shape == (3, 24, 24)
-    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").crop((4, 0, 28, 24)))
-    assert np.array_equal(view, expected.transpose(2, 0, 1))
+    pixels = _torchvision_rgb(data, fmt)
+    assert pixels is not None and pixels.shape == (3, 24, 32)
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(pixels.numpy(), expected.transpose(2, 0, 1))
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_resized_by_the_formula():
+    """Evaluation's central 384 px square of a 512 x 384 JPEG at 64 px: decoded at 1/4 scale
+    (128 x 96, PIL), the box (16, 0, 112, 96) of that resized as the formula says."""
+    rng = np.random.default_rng(4)
+    image = Image.fromarray(rng.integers(0, 256, (12, 16, 3), np.uint8)).resize((512, 384))
+    data = encoded(image, "JPEG")
+    got = decode_image(
+        data, size=64, channels=3, train=False, augment=AugmentSpec(), rng=random.Random(0)
+    )
+    reduced = Image.open(io.BytesIO(data))
+    reduced.draft("RGB", (128, 96))
+    assert reduced.size == (128, 96)
+    expected = reference_view(np.asarray(reduced), (16, 0, 112, 96), False, 64)
+    assert got.shape == (3, 64, 64) and np.abs(got.astype(int) - expected).max() <= 2
+    augment = AugmentSpec(random_resized_crop=True, hflip=True)
+    for seed in range(10):  # random crops, whose boxes at the reduced scale are rounded
+        view = decode_image(
+            data, size=64, channels=3, train=True, augment=augment, rng=random.Random(seed)
+        )
+        assert view.shape == (3, 64, 64) and view.dtype == np.uint8
