@@ -1,16 +1,15 @@
 """Batch assembly in a loader worker, one class per data.decode choice.
 
 A batcher takes good samples one at a time (`add`, which raises for an image it cannot use: the
-stream counts it as bad_image) and hands out a batch as a dict of arrays (`emit`), which crosses
-to the rank's process through the DataLoader:
+stream counts it as bad_image) and hands out a batch as a dict (`emit`), which crosses to the
+rank's process through the DataLoader, its arrays as `WorkerArray`s (through the worker's pipe,
+or in shared memory from 1 MiB; pinned by the DataLoader for a GPU run; `received` unwraps them):
 
-- `PixelBatcher` (data.decode "cpu"): decodes, crops, resizes and flips each image with PIL
-  and emits the uint8 pixels [n, S, S] or planar [n, 3, S, S] (`pixels`) and int64 labels
-  (`labels`).
-  The rank's process normalises them: on the host with `normalise_pixels` for a CPU run, or on
-  the GPU (`PixelBatch.decode`, after the copy) for a GPU run. Pixels are a quarter of the
-  bytes of float32 images through the worker's pipe or shared memory, the pinned buffer and
-  the host-to-device copy;
+- `PixelBatcher` (data.decode "cpu"): decodes, crops, resizes and flips each image
+  (image_decode.py) and emits the uint8 pixels [n, S, S] or planar [n, 3, S, S] (`pixels`)
+  and int64 labels (`labels`). The rank's process normalises them: on the host with
+  `normalise_pixels` for a CPU run, or on the GPU (`PixelBatch.decode`, after the copy) for a
+  GPU run. Pixels are a quarter of the bytes of float32 images to send, pin and copy;
 - `JpegBatcher` (data.decode "device"): reads each JPEG's header only, picks the same view as
   the CPU path, and emits the bytes back to back (`jpeg`, `lengths`), the views (`boxes`,
   `flips`), the sample keys and the labels; `jobs.data.device_decode.JpegBatch` decodes them on
@@ -97,6 +96,45 @@ def normalise_in_place(
     return images
 
 
+SHARED_MEMORY_BYTES = 1 << 20
+"""From this size a worker's array crosses to the rank's process in shared memory."""
+
+
+@dataclass(slots=True)
+class WorkerArray:
+    """An array on its way from a loader worker to the rank's process (`received` unwraps it).
+
+    From SHARED_MEMORY_BYTES it crosses as a tensor in shared memory, below that pickled
+    through the worker's pipe; the rank's main thread pays for the crossing, and per batch of
+    128 it measured (benchmarks/bench_data.py's loaders, this machine) 0.8 ms through the pipe
+    against 2.2 ms in shared memory at 128 KB (32 px greyscale), and 42 ms against 6 ms at
+    19 MB (224 px RGB). A pinning DataLoader's pin thread calls `pin_memory`: the pixels and
+    labels of a GPU run (`pin`) come out pinned for an asynchronous copy, JPEG bytes (which
+    the decoder reads from ordinary memory) as they are.
+    """
+
+    data: np.ndarray | torch.Tensor
+    pin: bool
+
+    @classmethod
+    def of(cls, array: np.ndarray, *, pin: bool) -> WorkerArray:
+        big = array.nbytes >= SHARED_MEMORY_BYTES
+        return cls(torch.from_numpy(array) if big else array, pin)
+
+    def tensor(self) -> torch.Tensor:
+        data = self.data
+        return data if isinstance(data, torch.Tensor) else torch.from_numpy(data)
+
+    def pin_memory(self) -> torch.Tensor:
+        tensor = self.tensor()
+        return tensor.pin_memory() if self.pin else tensor
+
+
+def received(value: WorkerArray | torch.Tensor) -> torch.Tensor:
+    """The tensor of a value a worker sent (a WorkerArray, or what the pin thread made of it)."""
+    return value.tensor() if isinstance(value, WorkerArray) else value
+
+
 class PixelBatcher:
     """Decoded images: uint8 pixels gathered in place, a batch at a time."""
 
@@ -126,21 +164,17 @@ class PixelBatcher:
         self._labels[self.count] = sample.label
         self.count += 1
 
-    def emit(self, tensors: bool) -> dict[str, Any]:
-        """The batch so far (then empty): uint8 `pixels` and int64 `labels`, as arrays, or as
-        tensors when `tensors` (a GPU run's DataLoader pins them). The arrays are handed over,
-        not copied (a copy of a batch of 128 x 224 px RGB took 9 ms): the next batch fills new
+    def emit(self, pin: bool) -> dict[str, Any]:
+        """The batch so far (then empty): uint8 `pixels` and int64 `labels` as WorkerArrays,
+        pinned by the DataLoader when `pin` (a GPU run). The arrays are handed over, not
+        copied (a copy of a batch of 128 x 224 px RGB took 9 ms): the next batch fills new
         ones."""
         pixels, labels = self._images[: self.count], self._labels[: self.count]
         self._new_arrays()
-        # NumPy arrays, not tensors, for a CPU run: they cross to the main process pickled
-        # through the worker's pipe, which for batches this size is cheaper than a new
-        # shared-memory segment per tensor (measured: 1 worker went from ~0.77 to ~0.9 of the
-        # in-process rate). The main process wraps them without a copy. A GPU run pins them:
-        # shared-memory tensors then.
-        if tensors:
-            return {"pixels": torch.from_numpy(pixels), "labels": torch.from_numpy(labels)}
-        return {"pixels": pixels, "labels": labels}
+        return {
+            "pixels": WorkerArray.of(pixels, pin=pin),
+            "labels": WorkerArray.of(labels, pin=pin),
+        }
 
 
 class JpegBatcher:
@@ -167,21 +201,20 @@ class JpegBatcher:
         self._labels[self.count] = sample.label
         self.count += 1
 
-    def emit(self, tensors: bool) -> dict[str, Any]:
-        """The batch so far (then empty). Only the labels become a tensor when `tensors`: the
-        decoder reads the bytes from ordinary memory, so pinning them would be wasted."""
+    def emit(self, pin: bool) -> dict[str, Any]:
+        """The batch so far (then empty); only the labels are pinned when `pin` (the decoder
+        reads the bytes from ordinary memory)."""
         count = self.count
-        labels = self._labels[:count].copy()
         batch = {
-            # A writable NumPy array: the receiving process wraps it in a tensor without a copy,
-            # and a pinning DataLoader leaves it alone (it would rebuild a bytearray byte by
-            # byte, as a sequence).
-            "jpeg": np.frombuffer(bytearray(b"".join(self._parts)), dtype=np.uint8),
+            # writable (a bytearray), so the receiver wraps it in a tensor without a copy
+            "jpeg": WorkerArray.of(
+                np.frombuffer(bytearray().join(self._parts), dtype=np.uint8), pin=False
+            ),
             "lengths": np.fromiter(map(len, self._parts), dtype=np.int64, count=count),
             "boxes": self._boxes[:count].copy(),
             "flips": self._flips[:count].copy(),
             "keys": self._keys,
-            "labels": torch.from_numpy(labels) if tensors else labels,
+            "labels": WorkerArray.of(self._labels[:count].copy(), pin=pin),
         }
         self._parts, self._keys, self.count = [], [], 0
         return batch

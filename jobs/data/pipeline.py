@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from jobs.contract.data import DataSpec, ShardSource
 from jobs.contract.urls import ALLOWED_PROTOCOLS
-from jobs.data.batching import PixelBatch, normalisation, normalise_pixels
+from jobs.data.batching import PixelBatch, normalisation, normalise_pixels, received
 from jobs.data.device_decode import JpegBatch
 from jobs.data.shard_format import SKIP_REASONS
 from jobs.data.shard_stream import ShardStream
@@ -109,7 +109,7 @@ class ShardLoader:
     def __init__(self, stream: ShardStream, *, num_workers: int, pin_memory: bool = False):
         self._stream, self.num_workers = stream, num_workers
         self.pin_memory = pin_memory
-        stream.tensors = pin_memory
+        stream.pin = pin_memory
         self.stats = LoaderStats()
         self._loader: DataLoader | None = None
         data = stream.data
@@ -136,12 +136,13 @@ class ShardLoader:
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor | PixelBatch | JpegBatch:
         if "pixels" in batch:
-            pixels = batch["pixels"]
-            if isinstance(pixels, np.ndarray):  # a CPU run: normalised here, on the host
-                return torch.from_numpy(normalise_pixels(pixels, self._scale, self._shift))
+            pixels = received(batch["pixels"])
+            if not self.pin_memory:  # a CPU run: normalised here, on the host
+                scale, shift = self._scale, self._shift
+                return torch.from_numpy(normalise_pixels(pixels.numpy(), scale, shift))
             return PixelBatch(pixels, **self._factors)
         return JpegBatch(
-            data=torch.from_numpy(batch["jpeg"]),
+            data=received(batch["jpeg"]),
             lengths=batch["lengths"].tolist(),
             boxes=batch["boxes"].tolist(),
             flips=batch["flips"].tolist(),
@@ -166,9 +167,7 @@ class ShardLoader:
             if "error" in batch:
                 raise DataPipelineError(batch["error"])
             self.stats.add_counters(batch["skipped"])
-            labels = batch["labels"]
-            if isinstance(labels, np.ndarray):
-                labels = torch.from_numpy(labels)
+            labels = received(batch["labels"])
             if labels.numel() == 0:
                 continue
             self.stats.samples += labels.numel()

@@ -72,7 +72,7 @@ class ShardStream(IterableDataset):
         # Shared memory: a loader's persistent workers read the epoch the trainer sets.
         self._epoch = multiprocessing.RawValue("q", epoch)
         self.seed, self.steps = seed, steps
-        self.tensors = False  # emit torch tensors (for a pinning DataLoader) instead of arrays
+        self.pin = False  # a pinning DataLoader (GPU run) pins the batches' pixels and labels
         self.field = shards.field
         self.max_bad_fraction = data.max_bad_fraction
         self._counters = np.zeros(len(SKIP_REASONS), dtype=np.int64)
@@ -257,7 +257,7 @@ class ShardStream(IterableDataset):
             yield self._emit(batcher)
 
     def _emit(self, batcher: PixelBatcher | JpegBatcher) -> dict[str, Any]:
-        batch = batcher.emit(self.tensors)
+        batch = batcher.emit(self.pin)
         batch["skipped"] = self._counters.copy()
         self._counters[:] = 0
         return batch

@@ -7,7 +7,9 @@ CPU-decoded batch of the same spec (PIL), sample by sample."""
 from __future__ import annotations
 
 import io
+import pickle
 import random
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import pytest
@@ -15,14 +17,18 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 from reference_data import require_fashion_mnist, tar_bytes
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from jobs.contract.data import AugmentSpec, DataSpec
 from jobs.data.batching import (
+    SHARED_MEMORY_BYTES,
     JpegBatcher,
     PixelBatch,
     PixelBatcher,
+    WorkerArray,
     normalisation,
     normalise_pixels,
+    received,
 )
 from jobs.data.device_decode import JpegBatch
 from jobs.data.pipeline import DataPipelineError, build_eval_loader, build_train_loader
@@ -265,16 +271,20 @@ def test_undecodable_jpegs_past_the_threshold_fail_the_pass(tmp_path):
     assert sum(len(labels) for _, labels in placed(lenient)) == 6
 
 
-def test_a_device_batch_crosses_a_pinning_loader_as_arrays():
-    """A pinning DataLoader rebuilds every sequence in a batch item by item: the JPEG bytes
-    must travel as one array, never as bytes or a bytearray."""
+def test_a_device_batch_crosses_a_pinning_loader_unpinned_but_its_labels():
+    """The JPEG bytes travel as one writable array (a pinning DataLoader would rebuild bytes
+    item by item), which its pin thread leaves in ordinary memory; the labels get pinned."""
     batcher = JpegBatcher(batch_size=4, train=False, augment=AugmentSpec())
     for i in range(3):
         batcher.add(RawSample(f"s{i}", i, jpeg_bytes(i), "jpg", i), random.Random(0))
-    batch = batcher.emit(tensors=True)
-    assert isinstance(batch["jpeg"], np.ndarray) and batch["jpeg"].flags.writeable
+    batch = batcher.emit(pin=True)
+    jpeg = batch["jpeg"]
+    assert isinstance(jpeg, WorkerArray) and not jpeg.pin and jpeg.data.flags.writeable
+    as_pinned = pin_memory(jpeg)  # what the DataLoader's pin thread does with it
+    assert isinstance(as_pinned, torch.Tensor) and not as_pinned.is_pinned()
+    assert as_pinned.numpy().tobytes() == b"".join(jpeg_bytes(i) for i in range(3))
     assert batch["lengths"].tolist() == [len(jpeg_bytes(i)) for i in range(3)]
-    assert isinstance(batch["labels"], torch.Tensor)  # the only part worth pinning
+    assert batch["labels"].pin and received(batch["labels"]).tolist() == [0, 1, 2]
     assert batch["keys"] == ["s0", "s1", "s2"] and batcher.count == 0
 
 
@@ -337,7 +347,7 @@ def test_pixels_normalised_on_the_device_equal_those_normalised_on_the_host(chan
 
 def test_workers_send_uint8_pixels_not_float_images():
     """A batch crosses from a loader worker as uint8 pixels (a quarter of float32's bytes),
-    arrays through the pipe for a CPU run, tensors for a pinning loader."""
+    handed over, not copied; a GPU run's are marked for the pin thread."""
     augment = AugmentSpec(random_resized_crop=False, hflip=False)
     batcher = PixelBatcher(batch_size=4, size=16, channels=3, train=True, augment=augment)
     picture = Image.fromarray(np.full((20, 30, 3), 200, np.uint8))
@@ -345,16 +355,59 @@ def test_workers_send_uint8_pixels_not_float_images():
     picture.save(encoded, format="PNG")
     for i in range(3):
         batcher.add(RawSample(f"s{i}", i, encoded.getvalue(), "png", i), random.Random(0))
-    as_arrays = batcher.emit(tensors=False)
-    assert as_arrays["pixels"].dtype == np.uint8 and as_arrays["pixels"].shape == (3, 3, 16, 16)
-    assert as_arrays["labels"].tolist() == [0, 1, 2] and batcher.count == 0
-    assert (as_arrays["pixels"] == 200).all()
+    cpu_run = batcher.emit(pin=False)
+    assert not cpu_run["pixels"].pin and not cpu_run["labels"].pin
+    pixels = received(cpu_run["pixels"])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 16, 16)
+    assert received(cpu_run["labels"]).tolist() == [0, 1, 2] and batcher.count == 0
     batcher.add(RawSample("s3", 3, encoded.getvalue(), "png", 3), random.Random(0))
-    as_tensors = batcher.emit(tensors=True)
-    assert as_tensors["pixels"].dtype == torch.uint8 and as_tensors["pixels"].shape[0] == 1
+    gpu_run = batcher.emit(pin=True)
+    assert gpu_run["pixels"].pin and gpu_run["labels"].pin
+    assert received(gpu_run["pixels"]).shape == (1, 3, 16, 16)
     # handed over, not copied: the batcher fills new arrays for the next batch
-    assert not np.shares_memory(as_arrays["pixels"], as_tensors["pixels"].numpy())
-    assert (as_arrays["pixels"] == 200).all()
+    assert not np.shares_memory(pixels.numpy(), received(gpu_run["pixels"]).numpy())
+    assert (pixels == 200).all()
+
+
+def test_big_arrays_cross_in_shared_memory_small_ones_through_the_pipe():
+    """What a worker's pickler sends: below SHARED_MEMORY_BYTES the array's bytes, from it a
+    handle to shared memory; both arrive with their values."""
+    small = np.arange(SHARED_MEMORY_BYTES - 1, dtype=np.uint8)
+    big = np.arange(SHARED_MEMORY_BYTES, dtype=np.uint8)
+    for array, crosses_in_pipe in ((small, True), (big, False)):
+        sent = ForkingPickler.dumps(WorkerArray.of(array, pin=False))
+        assert (len(sent) >= array.nbytes) == crosses_in_pipe, len(sent)
+        arrived = pickle.loads(sent)
+        assert torch.equal(received(arrived), torch.from_numpy(array))
+
+
+@pytest.mark.parametrize("batch_size", [8, 32])
+def test_a_cpu_run_worker_gives_the_in_process_batches(jpeg_dataset, batch_size):
+    """Batches of 8 x 3 x 112 x 112 (301 KB: the pipe) and 32 (1.2 MB: shared memory) cross
+    from a worker with the values the in-process loader makes."""
+    spec = jpeg_spec(
+        jpeg_dataset,
+        image_size=112,
+        augment={"random_resized_crop": True, "hflip": True, "mean": MEAN, "std": STD},
+        samples_per_epoch=64,
+    )
+    batches = []
+    for workers in (0, 1):
+        worker_spec = spec.model_copy(update={"loader_workers": workers})
+        loader = build_train_loader(
+            worker_spec, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=3
+        )
+        batches.append(list(loader))
+    assert len(batches[0]) == len(batches[1]) == 64 // batch_size
+    for (in_process, labels), (from_worker, worker_labels) in zip(*batches, strict=True):
+        assert torch.equal(in_process, from_worker) and torch.equal(labels, worker_labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_pin_thread_pins_a_gpu_runs_pixels_and_labels():
+    for array in (np.zeros(64, np.uint8), np.zeros(SHARED_MEMORY_BYTES, np.uint8)):
+        assert pin_memory(WorkerArray.of(array, pin=True)).is_pinned()
+        assert not pin_memory(WorkerArray.of(array, pin=False)).is_pinned()
 
 
 @pytest.mark.parametrize("channels", [1, 3])
