@@ -185,8 +185,7 @@ class LocalRayHead:
                     os.killpg(self.pid, signal.SIGKILL)
                 _wait_gone(self.process, self.pid, timeout=5)
         if self.temp_dir:
-            _kill_processes_naming(self.temp_dir)
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            _remove_head_dir(self.temp_dir)
             self.temp_dir = None
         self.pid = None
         if self.state_file is not None:
@@ -279,18 +278,38 @@ def _wait_gone(process: subprocess.Popen | None, pid: int, timeout: float) -> bo
 
 
 def _kill_processes_naming(marker: str) -> None:
-    """SIGTERM, then SIGKILL, the processes whose command line contains `marker` (Linux /proc)."""
+    """SIGTERM, then SIGKILL, the processes whose command line contains `marker` (Linux /proc),
+    waiting (boundedly) until they are gone."""
     victims = pids_naming(marker)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while victims and time.monotonic() < deadline:
-        time.sleep(0.2)
-        victims = [pid for pid in victims if Path(f"/proc/{pid}").exists()]
+    victims = _wait_vanished(victims, timeout=10)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+    _wait_vanished(victims, timeout=5)
+
+
+def _wait_vanished(pids: list[int], timeout: float) -> list[int]:
+    """The processes of `pids` still there after waiting up to `timeout` seconds for them."""
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    return pids
+
+
+def _remove_head_dir(temp_dir: str, attempts: int = 10) -> None:
+    """Stop the processes that name a head's temp dir, then remove the dir. A Ray process that
+    is still exiting can write into it while it is removed (a CI run was left with the empty
+    folders of a session's logs and sockets), so kill and remove again until it is gone."""
+    for _ in range(attempts):
+        _kill_processes_naming(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if not os.path.lexists(temp_dir):
+            return
+        time.sleep(0.5)
 
 
 def pids_naming(marker: str) -> list[int]:
