@@ -106,11 +106,11 @@ class WorkerArray:
 
     From SHARED_MEMORY_BYTES it crosses as a tensor in shared memory, below that pickled
     through the worker's pipe; the rank's main thread pays for the crossing, and per batch of
-    128 it measured (benchmarks/bench_data.py's loaders, this machine) 0.8 ms through the pipe
-    against 2.2 ms in shared memory at 128 KB (32 px greyscale), and 42 ms against 6 ms at
-    19 MB (224 px RGB). A pinning DataLoader's pin thread calls `pin_memory`: the pixels and
-    labels of a GPU run (`pin`) come out pinned for an asynchronous copy, JPEG bytes (which
-    the decoder reads from ordinary memory) as they are.
+    128 it measured (a 1-worker loader over bench_data.py's shards, 2-core machine) 0.8 ms
+    through the pipe against 2.2 ms in shared memory at 128 KB (32 px greyscale), and 42 ms
+    against 6 ms at 19 MB (224 px RGB). A pinning DataLoader's pin thread calls `pin_memory`:
+    the pixels and labels of a GPU run (`pin`) come out pinned for an asynchronous copy, JPEG
+    bytes (which the decoder reads from ordinary memory) as they are.
     """
 
     data: np.ndarray | torch.Tensor

@@ -7,6 +7,7 @@ decodes the batch on the training device)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -24,12 +25,14 @@ _PIL_FORMATS = {"jpg": ("JPEG",), "jpeg": ("JPEG",), "png": ("PNG",), "webp": ("
 JPEG_EXTENSIONS = ("jpg", "jpeg")
 
 
+@functools.cache
 def _torchvision_rgb_decoders() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """{PIL format: encoded bytes (uint8 tensor) -> uint8 [3, H, W]}: torchvision's JPEG and
     PNG decoders, called as the ops of its image library. Its Python wrappers (deprecated
     since torchvision 0.29 in favour of TorchCodec) cost ~50 us a call in a deprecation
     warning and usage logging, as much as decoding a small image. {} without the library:
-    PIL decodes everything then (tests/jobs/data/test_rgb_decode.py checks they are in use)."""
+    PIL decodes everything then (tests/jobs/data/test_rgb_decode.py checks they are in use).
+    Looked up on the first RGB image, not at import (torchvision takes seconds to import)."""
     try:
         from torchvision.io import ImageReadMode  # loads the image library
 
@@ -43,8 +46,6 @@ def _torchvision_rgb_decoders() -> dict[str, Callable[[torch.Tensor], torch.Tens
     }
 
 
-# RGB images in these formats are decoded by torchvision (`_torchvision_rgb`)
-_TORCH_DECODERS = _torchvision_rgb_decoders()
 Box = tuple[int, int, int, int]
 """(left, top, right, bottom) in pixels, right and bottom exclusive."""
 
@@ -151,7 +152,7 @@ def _torchvision_rgb(data: bytes, image_format: str | None) -> torch.Tensor | No
     """uint8 [3, H, W] decoded by torchvision, or None for a format it is not used for and
     for bytes it cannot decode to 8-bit RGB (16-bit PNG, a JPEG it refuses): PIL then decodes
     them, or raises the error that counts the sample as bad."""
-    decoder = _TORCH_DECODERS.get(image_format or "")
+    decoder = _torchvision_rgb_decoders().get(image_format or "")
     if decoder is None:
         return None
     try:
